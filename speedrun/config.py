@@ -1,0 +1,234 @@
+"""Typed recipes: frozen dataclasses, TOML files and checked ``section.key=value`` overrides.
+
+A recipe is everything that decides how a run trains, in plain values. Hyperparameters
+are stated in units that survive a change of batch size: the LR is given for a reference batch
+(``optim.lr`` at ``optim.lr_batch_size`` examples) and scaled linearly to the batch trained with.
+
+>>> r = Recipe().override({"train.batch_size": "512", "optim.lr": "2.0"})
+>>> r.train.batch_size, r.optim.lr
+(512, 2.0)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+
+class ConfigError(ValueError):
+    """A recipe, override or option that cannot be used; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "fashion-mnist"  # a built-in dataset name or a path
+    flip: bool = True  # random horizontal flip per image
+    translate_px: int = 0  # random shift of up to this many pixels (reflect padding)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "convnet"
+    widths: tuple[int, ...] = (32, 64, 128)
+    activation: Literal["relu", "gelu", "celu"] = "gelu"
+    dropout: float = 0.0
+    logit_scale: float = 1.0  # multiplies the logits (airbench uses 1/9)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw", "adadelta"] = "sgd"
+    lr: float = 2.0  # peak LR at a batch of lr_batch_size; scaled linearly to train.batch_size
+    lr_batch_size: int = 1024
+    momentum: float = 0.9
+    nesterov: bool = True
+    # L2 coefficient (PyTorch convention: the step shrinks weights by lr * weight_decay). With the
+    # LR scaled linearly in batch size, the decay per example stays constant across batch sizes.
+    weight_decay: float = 5e-4
+    bn_weight_decay: bool = False  # apply weight decay to norm weights and biases
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: Literal["one-cycle", "step", "constant"] = "one-cycle"
+    warmup_frac: float = 0.25  # one-cycle: fraction of training spent rising to the peak
+    start_factor: float = 0.1  # one-cycle: LR at step 0, as a fraction of the peak
+    end_factor: float = 0.0  # one-cycle: LR at the end, as a fraction of the peak
+    step_gamma: float = 0.7  # step: multiply the LR by this every epoch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 5.0  # length of the schedule
+    batch_size: int = 256
+    label_smoothing: float = 0.1
+    channels_last: bool = True
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_epochs: float = 0.5  # evaluate every this many epochs ...
+    every_s: float = 0.0  # ... or every this many seconds (0: off)
+    start_frac: float = 0.0  # no evaluation before this fraction of the schedule
+    batch_size: int = 1024
+    tta_flip: bool = False  # average the logits of each image and its mirror
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    target: float = 0.92  # held-out accuracy that stops the clock
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def override(self, values: Mapping[str, Any]) -> Recipe:
+        """Return a copy with dotted keys (``"optim.momentum"``) set; strings are parsed by field type."""
+        recipe = self
+        for key, value in values.items():
+            recipe = _set_path(recipe, key.split("."), value, key)
+        validate(recipe)
+        return recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def validate(recipe: Recipe) -> None:
+    """Reject values no run could use, with a message naming the key."""
+    checks = [
+        (0.0 < recipe.target <= 1.0, "target must be in (0, 1]"),
+        (recipe.train.epochs > 0, "train.epochs must be > 0"),
+        (recipe.train.batch_size > 0, "train.batch_size must be > 0"),
+        (recipe.optim.lr > 0 and recipe.optim.lr_batch_size > 0, "optim.lr and optim.lr_batch_size must be > 0"),
+        (0.0 <= recipe.train.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
+        (recipe.eval.every_epochs > 0 or recipe.eval.every_s > 0,
+         "eval.every_epochs or eval.every_s must be > 0"),
+        (0.0 <= recipe.eval.start_frac <= 1.0, "eval.start_frac must be in [0, 1]"),
+        (0.0 <= recipe.schedule.warmup_frac < 1.0, "schedule.warmup_frac must be in [0, 1)"),
+        (len(recipe.model.widths) > 0, "model.widths must not be empty"),
+        (recipe.data.translate_px >= 0, "data.translate_px must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def load_toml(path: str | Path) -> Recipe:
+    """Read a recipe from TOML: optional ``base = "name"`` then sections overriding it.
+
+    ``base`` defaults to the built-in ``fashion-mnist`` recipe; keys not given keep its values.
+    """
+    from speedrun.recipes import get_recipe
+
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    base = get_recipe(raw.pop("base", "fashion-mnist"))
+    flat: dict[str, Any] = {"name": path.stem}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return base.override(flat)
+
+
+def _set_path(obj: Any, parts: list[str], value: Any, full_key: str) -> Any:
+    names = {f.name: f for f in fields(obj)}
+    head = parts[0]
+    if head not in names:
+        prefix = full_key[: len(full_key) - len(".".join(parts))]
+        valid = ", ".join(prefix + n for n in names)
+        raise ConfigError(f"unknown key {full_key!r}; valid keys here: {valid}")
+    current = getattr(obj, head)
+    if len(parts) == 1:
+        if is_dataclass(current):
+            raise ConfigError(f"{full_key!r} is a section; set one of its keys, e.g. {full_key}.{fields(current)[0].name}")
+        hint = typing.get_type_hints(type(obj))[head]
+        return replace(obj, **{head: _coerce(value, hint, full_key)})
+    if not is_dataclass(current):
+        raise ConfigError(f"{'.'.join(full_key.split('.')[:-len(parts) + 1])!r} is not a section")
+    return replace(obj, **{head: _set_path(current, parts[1:], value, full_key)})
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert ``value`` (often a CLI string) to the type ``hint``, or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    try:
+        if origin is Literal:
+            if value not in args:
+                raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}; got {value!r}")
+            return value
+        if origin in (typing.Union, types.UnionType):
+            if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+                if type(None) in args:
+                    return None
+            inner = [a for a in args if a is not type(None)]
+            return _coerce(value, inner[0], key)
+        if origin is tuple:
+            items = value
+            if isinstance(value, str):
+                items = [v for v in value.strip("()[] ").split(",") if v.strip()]
+            return tuple(_coerce(v, args[0], key) for v in items)
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} expects {_type_name(hint)}; got {value!r}") from None
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return f"a comma-separated list of {_type_name(typing.get_args(hint)[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "text"}.get(hint, str(hint))
+
+
+def from_dict(data: Mapping[str, Any]) -> Recipe:
+    """Rebuild a recipe from ``Recipe.to_dict()`` output (e.g. a stored run)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return Recipe().override(flat)

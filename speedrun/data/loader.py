@@ -1,0 +1,92 @@
+"""A device-resident loader: the whole uint8 set lives on the device, batches are made with tensor ops.
+
+No worker processes: shuffling is one ``randperm`` per epoch, normalization and augmentation are
+applied to a whole batch at once (the airbench approach), so the input pipeline costs a small
+fraction of a training step on CPU as on GPU.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+
+def flip_batch(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Mirror a random half of the images (N, C, H, W) left-right."""
+    mask = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    return torch.where(mask[:, None, None, None], images.flip(3), images)
+
+
+def translate_batch(images: Tensor, max_px: int, generator: torch.Generator | None = None) -> Tensor:
+    """Shift each image by its own random (dy, dx) in [-max_px, max_px], filling by reflection.
+
+    Equivalent to reflect-padding by ``max_px`` and taking a random crop of the original size.
+    """
+    if max_px == 0:
+        return images
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (max_px,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * max_px + 1, (n,), device=images.device, generator=generator)
+    dx = torch.randint(0, 2 * max_px + 1, (n,), device=images.device, generator=generator)
+    rows = (torch.arange(h, device=images.device) + dy[:, None])[:, None, :, None]  # n,1,h,1
+    cols = (torch.arange(w, device=images.device) + dx[:, None])[:, None, None, :]  # n,1,1,w
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+class ResidentLoader:
+    """Batches of (normalized float images, labels) from uint8 tensors already on the device.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a run can resume mid-schedule.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, mean: tuple[float, ...],
+                 std: tuple[float, ...], train: bool, seed: int = 0, flip: bool = False,
+                 translate_px: int = 0, channels_last: bool = False, drop_last: bool | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.flip, self.translate_px = flip and train, translate_px if train else 0
+        self.channels_last, self.dtype = channels_last, dtype
+        self.drop_last = train if drop_last is None else drop_last
+        device = images.device
+        # Fused normalization: x * scale + shift, with per-channel constants in pixel units.
+        self._scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, -1, 1, 1)
+        self._shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
+        self._gen = torch.Generator(device=device)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else len(self.labels)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.labels)
+        if self.train:
+            self._gen.manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, device=self.images.device, generator=self._gen)
+        else:
+            order = None
+        for i in range(len(self)):
+            if order is None:
+                x, y = self.images[i * self.batch_size:(i + 1) * self.batch_size], \
+                    self.labels[i * self.batch_size:(i + 1) * self.batch_size]
+            else:
+                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+                x, y = self.images[idx], self.labels[idx]
+            yield self.transform(x), y
+
+    def transform(self, x: Tensor) -> Tensor:
+        x = torch.addcmul(self._shift, x.to(torch.float32), self._scale)
+        if self.flip:
+            x = flip_batch(x, self._gen)
+        if self.translate_px:
+            x = translate_batch(x, self.translate_px, self._gen)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.dtype) if self.dtype != torch.float32 else x

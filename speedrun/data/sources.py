@@ -1,0 +1,261 @@
+"""Dataset sources: find the raw files, decode them once into a uint8 cache, load the cache.
+
+Preparation (decode, checksum, statistics) is one-time work and is timed apart from training;
+loading a prepared cache is part of every run and sits inside the time-to-accuracy clock.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from speedrun import paths
+from speedrun.data.idx import IdxError, read_idx
+
+
+class DataError(RuntimeError):
+    """Missing, unreadable or malformed data; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A prepared dataset: uint8 images (N, C, H, W) and int64 labels for both splits."""
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]  # per channel, in [0, 1] pixel units, over the training split
+    std: tuple[float, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.train_images.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.train_images.shape[2:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.train_images.nbytes + self.test_images.nbytes
+
+
+class Source(Protocol):
+    name: str
+
+    def fingerprint(self) -> str: ...
+    def read(self) -> ImageSet: ...
+
+
+# ---------------------------------------------------------------- IDX (MNIST family)
+
+_IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# md5 of the official .gz files, as published with the dataset.
+FASHION_MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12e480ee83cd310",
+}
+FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def is_idx_dir(directory: Path) -> bool:
+    return directory.is_dir() and all(_find_idx(directory, s) for s in _IDX_FILES.values())
+
+
+@dataclass(frozen=True)
+class IdxSource:
+    """The four IDX files of an MNIST-family dataset in one folder (``.gz`` or raw)."""
+
+    directory: Path
+    name: str = "idx"
+    classes: tuple[str, ...] | None = None
+
+    def files(self) -> dict[str, Path]:
+        found = {key: _find_idx(self.directory, stem) for key, stem in _IDX_FILES.items()}
+        missing = [_IDX_FILES[k] for k, p in found.items() if p is None]
+        if missing:
+            raise DataError(f"{self.directory}: missing IDX files {', '.join(missing)}[.gz]")
+        return found  # type: ignore[return-value]
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for key, path in sorted(self.files().items()):
+            st = path.stat()
+            h.update(f"{key}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+    def read(self) -> ImageSet:
+        try:
+            arrays = {key: read_idx(path) for key, path in self.files().items()}
+        except IdxError as e:
+            raise DataError(str(e)) from None
+        for split in ("train", "test"):
+            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                raise DataError(f"{self.directory}: {split} images {images.shape} and labels "
+                                f"{labels.shape} do not match")
+        n_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
+        classes = self.classes or tuple(str(i) for i in range(n_classes))
+        return _image_set(self.name, arrays["train_images"][:, None], arrays["train_labels"],
+                          arrays["test_images"][:, None], arrays["test_labels"], classes)
+
+
+def _image_set(name, train_x, train_y, test_x, test_y, classes) -> ImageSet:
+    train_x = np.ascontiguousarray(train_x, dtype=np.uint8)
+    # Statistics in float64 over channels; done once at preparation time.
+    per_channel = train_x.transpose(1, 0, 2, 3).reshape(train_x.shape[1], -1)
+    mean = tuple(float(m) / 255 for m in per_channel.mean(axis=1, dtype=np.float64))
+    std = tuple(float(s) / 255 for s in per_channel.std(axis=1, dtype=np.float64))
+    return ImageSet(name, train_x, np.asarray(train_y, dtype=np.int64),
+                    np.ascontiguousarray(test_x, dtype=np.uint8), np.asarray(test_y, dtype=np.int64),
+                    tuple(classes), mean, std)
+
+
+def _download_fashion_mnist(dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for fname, md5 in FASHION_MNIST_MD5.items():
+        target = dest / fname
+        if target.is_file() and hashlib.md5(target.read_bytes()).hexdigest() == md5:
+            continue
+        tmp = target.with_suffix(".part")
+        try:
+            with urllib.request.urlopen(FASHION_MNIST_URL + fname, timeout=30) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"could not download {fname}: {e}") from None
+        digest = hashlib.md5(tmp.read_bytes()).hexdigest()
+        if digest != md5:
+            tmp.unlink()
+            raise DataError(f"downloaded {fname} fails its checksum (md5 {digest}, expected {md5}); deleted")
+        tmp.replace(target)
+
+
+def fashion_mnist(*, download: bool = True) -> IdxSource:
+    """Find Fashion-MNIST: Debian's package, ``$SPEEDRUN_HOME/datasets``, else download it."""
+    local = paths.datasets_dir() / "fashion-mnist"
+    for directory in (*FASHION_MNIST_DIRS, local):
+        if is_idx_dir(directory):
+            return IdxSource(directory, "fashion-mnist", FASHION_MNIST_CLASSES)
+    hint = (f"Fashion-MNIST not found in {', '.join(str(d) for d in (*FASHION_MNIST_DIRS, local))}; "
+            "install it with `apt-get install dataset-fashion-mnist` or pass --data PATH")
+    if not download:
+        raise DataError(hint)
+    try:
+        _download_fashion_mnist(local)
+    except DataError as e:
+        raise DataError(f"{hint} ({e})") from None
+    return IdxSource(local, "fashion-mnist", FASHION_MNIST_CLASSES)
+
+
+BUILTIN = {"fashion-mnist": fashion_mnist}
+
+
+def resolve(source: str | Path) -> Source:
+    """A built-in dataset name or a path, as a Source; raises DataError with a fix."""
+    if isinstance(source, str) and source in BUILTIN:
+        return BUILTIN[source]()
+    path = Path(source).expanduser()
+    if not path.exists():
+        names = ", ".join(BUILTIN)
+        raise DataError(f"dataset not found: {path} (not a path, nor a built-in name: {names})")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"dataset not readable: {path} (check its permissions)")
+    if is_idx_dir(path):
+        return IdxSource(path, path.name or "idx")
+    raise DataError(f"{path}: unrecognised dataset layout; expected a folder holding the four "
+                    "MNIST-style IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+                    "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz])")
+
+
+# ---------------------------------------------------------------- the uint8 cache
+
+_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A dataset decoded into the cache; ``prepare_s`` is 0 when it was already there."""
+
+    directory: Path
+    prepare_s: float
+    built: bool
+
+
+def prepare(source: Source) -> Prepared:
+    """Decode ``source`` into ``$SPEEDRUN_HOME/cache`` unless a cache of the same fingerprint exists.
+
+    Atomic: the arrays are written into a temporary folder that is renamed into place, so an
+    interrupted preparation leaves no half cache behind.
+    """
+    target = paths.cache_dir() / f"{source.name.replace('/', '_')}-{source.fingerprint()}"
+    if (target / "meta.json").is_file():
+        return Prepared(target, 0.0, False)
+    start = time.perf_counter()
+    data = source.read()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=target.parent))
+    except OSError as e:
+        raise DataError(f"cannot write the dataset cache under {target.parent}: {e}") from None
+    try:
+        for key in _ARRAYS:
+            np.save(tmp / f"{key}.npy", getattr(data, key))
+        meta = {"name": data.name, "classes": list(data.classes), "mean": data.mean, "std": data.std,
+                "train": len(data.train_labels), "test": len(data.test_labels),
+                "shape": list(data.train_images.shape[1:]), "fingerprint": source.fingerprint(),
+                "prepare_s": time.perf_counter() - start}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process prepared it meanwhile
+            if not (target / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Prepared(target, time.perf_counter() - start, True)
+
+
+def load_prepared(directory: Path) -> ImageSet:
+    """Read a prepared cache into memory (part of every run, so inside the clock)."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        arrays = {key: np.load(directory / f"{key}.npy") for key in _ARRAYS}
+    except (OSError, ValueError) as e:
+        raise DataError(f"dataset cache {directory} is unreadable ({e}); delete it to prepare again") from None
+    return ImageSet(meta["name"], arrays["train_images"], arrays["train_labels"], arrays["test_images"],
+                    arrays["test_labels"], tuple(meta["classes"]), tuple(meta["mean"]), tuple(meta["std"]))

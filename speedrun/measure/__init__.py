@@ -1,0 +1,1 @@
+"""Measurement: the time-to-accuracy clock, FLOP counting and MFU, multi-seed statistics."""

@@ -1,0 +1,38 @@
+"""Recipes for Fashion-MNIST (28x28 grayscale, 10 classes) on a CPU."""
+from __future__ import annotations
+
+from speedrun.config import (DataConfig, EvalConfig, ModelConfig, OptimConfig, Recipe, ScheduleConfig,
+                             TrainConfig)
+
+
+def fashion_mnist() -> Recipe:
+    return Recipe(
+        name="fashion-mnist",
+        description="conv net, one-cycle Nesterov SGD, label smoothing, flips; channels_last fp32",
+        target=0.92,
+        data=DataConfig(source="fashion-mnist", flip=True, translate_px=0),
+        model=ModelConfig(name="convnet", widths=(32, 64, 128), activation="gelu"),
+        optim=OptimConfig(name="sgd", lr=2.0, lr_batch_size=1024, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4),
+        schedule=ScheduleConfig(kind="one-cycle", warmup_frac=0.25, start_factor=0.1, end_factor=0.0),
+        train=TrainConfig(epochs=4, batch_size=256, label_smoothing=0.1, channels_last=True,
+                          precision="auto"),
+        eval=EvalConfig(every_epochs=0.5, start_frac=0.5, tta_flip=False),
+    )
+
+
+def baseline() -> Recipe:
+    """The PyTorch examples' MNIST recipe: Adadelta lr 1.0 at batch 64, StepLR gamma 0.7, dropout, no tricks."""
+    return Recipe(
+        name="baseline",
+        description="PyTorch examples' MNIST script: 2 convs + fc 128, Adadelta, step decay, batch 64",
+        target=0.92,
+        data=DataConfig(source="fashion-mnist", flip=False, translate_px=0),
+        model=ModelConfig(name="mnist-net"),
+        optim=OptimConfig(name="adadelta", lr=1.0, lr_batch_size=64, momentum=0.0, nesterov=False,
+                          weight_decay=0.0, bn_weight_decay=True),
+        schedule=ScheduleConfig(kind="step", step_gamma=0.7),
+        train=TrainConfig(epochs=14, batch_size=64, label_smoothing=0.0, channels_last=False,
+                          precision="fp32"),
+        eval=EvalConfig(every_epochs=1.0, start_frac=0.0),
+    )

@@ -1,0 +1,112 @@
+"""The run store: one embedded SQLite database of runs (``$SPEEDRUN_HOME/runs.sqlite`` by default).
+
+A run is inserted when it starts (outcome ``running``) and updated when it ends, so a run that is
+interrupted or fails is still there with its curve so far.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    group_id TEXT,
+    created_at TEXT NOT NULL,
+    recipe_name TEXT NOT NULL,
+    target REAL,
+    seed INTEGER,
+    outcome TEXT NOT NULL,
+    detail TEXT,
+    time_to_accuracy_s REAL,
+    best_accuracy REAL,
+    device TEXT,
+    recipe_json TEXT NOT NULL,
+    env_json TEXT NOT NULL,
+    curve_json TEXT NOT NULL DEFAULT '[]',
+    summary_json TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS runs_recipe ON runs (recipe_name, created_at);
+CREATE INDEX IF NOT EXISTS runs_group ON runs (group_id);
+"""
+
+OUTCOMES = ("running", "reached", "budget_exhausted", "diverged", "interrupted", "failed")
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+class RunStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30)
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot open the run store at {self.path}: {e} "
+                             "(set --store or SPEEDRUN_STORE to a writable file)") from None
+        self._db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _write(self, sql: str, params: tuple) -> None:
+        try:
+            with self._db:
+                self._db.execute(sql, params)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write to the run store at {self.path}: {e}") from None
+
+    def start_run(self, *, run_id: str, recipe_name: str, recipe: dict, env: dict, target: float | None,
+                  seed: int, group_id: str | None = None) -> None:
+        self._write(
+            "INSERT INTO runs (id, group_id, created_at, recipe_name, target, seed, outcome, device,"
+            " recipe_json, env_json) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+            (run_id, group_id, datetime.now(timezone.utc).isoformat(timespec="seconds"), recipe_name,
+             target, seed, env.get("device_name"), json.dumps(recipe), json.dumps(env)))
+
+    def finish_run(self, run_id: str, *, outcome: str, detail: str, summary: dict, curve: list[dict]) -> None:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        self._write(
+            "UPDATE runs SET outcome = ?, detail = ?, time_to_accuracy_s = ?, best_accuracy = ?,"
+            " summary_json = ?, curve_json = ? WHERE id = ?",
+            (outcome, detail, summary.get("time_to_accuracy_s"), summary.get("best_accuracy"),
+             json.dumps(summary), json.dumps(curve), run_id))
+
+    def list_runs(self, *, recipe: str | None = None, outcome: str | None = None, group: str | None = None,
+                  limit: int | None = 50) -> list[dict[str, Any]]:
+        where, params = [], []
+        for column, value in (("recipe_name", recipe), ("outcome", outcome), ("group_id", group)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created_at DESC, rowid DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        return [self._row(r) for r in self._db.execute(sql, params)]
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """The run whose id starts with ``run_id`` (a unique prefix is enough)."""
+        rows = self._db.execute("SELECT * FROM runs WHERE id LIKE ? LIMIT 2", (run_id + "%",)).fetchall()
+        if not rows:
+            raise StoreError(f"no run with id {run_id!r} in {self.path}")
+        if len(rows) > 1:
+            raise StoreError(f"run id prefix {run_id!r} is ambiguous; give more characters")
+        return self._row(rows[0])
+
+    @staticmethod
+    def _row(row: sqlite3.Row) -> dict[str, Any]:
+        run = dict(row)
+        for key in ("recipe", "env", "curve", "summary"):
+            run[key] = json.loads(run.pop(f"{key}_json"))
+        return run

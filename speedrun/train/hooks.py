@@ -1,0 +1,155 @@
+"""The trainer's own hooks: evaluation against the target, budgets, divergence, progress display."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from speedrun.measure.clock import Clock
+from speedrun.train.loop import FitState, StopFit
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    elapsed_s: float
+    epoch: float
+    step: int
+    accuracy: float
+    test_loss: float
+    train_loss: float | None  # mean training loss since the previous evaluation
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, *, tta_flip: bool = False, autocast=None) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy over ``loader``; with ``tta_flip``, logits of image and mirror averaged."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, count = 0, 0.0, 0
+    for x, y in loader.epoch(0):
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            logits = model(x)
+            if tta_flip:
+                logits = (logits + model(x.flip(3))) / 2
+        logits = logits.float()
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        count += len(y)
+    model.train(was_training)
+    return correct / count, loss_sum / count
+
+
+class Evaluator:
+    """Evaluates on the cadence of the recipe and stops the fit at the first accuracy >= target.
+
+    Cadence: every ``every_steps`` steps and/or every ``every_s`` seconds, never before
+    ``start_step``, and always at the last step. Evaluation time is tallied by the clock.
+    """
+
+    def __init__(self, loader, *, clock: Clock, target: float | None, every_steps: int = 0,
+                 every_s: float = 0.0, start_step: int = 0, tta_flip: bool = False) -> None:
+        self.loader, self.clock, self.target = loader, clock, target
+        self.every_steps, self.every_s, self.start_step = every_steps, every_s, start_step
+        self.tta_flip = tta_flip
+        self.curve: list[EvalPoint] = []
+        self.best_accuracy = 0.0
+        self.reached_at: float | None = None  # elapsed seconds when the target was first seen
+        self._last_eval_s = 0.0
+        self._loss_sum: Tensor | float = 0.0
+        self._loss_count = 0
+
+    def after_loss(self, state: FitState) -> None:
+        self._loss_sum = self._loss_sum + state.loss.detach().float()  # no device sync
+        self._loss_count += 1
+
+    def after_step(self, state: FitState) -> None:
+        if state.step < self.start_step and state.step < state.max_steps:
+            return
+        due = state.step >= state.max_steps
+        if self.every_steps and state.step % self.every_steps == 0:
+            due = True
+        if self.every_s and self.clock.elapsed() - self._last_eval_s >= self.every_s:
+            due = True
+        if due:
+            self.run(state)
+
+    def run(self, state: FitState) -> EvalPoint:
+        with self.clock.evaluating():
+            accuracy, test_loss = evaluate(state.model, self.loader, tta_flip=self.tta_flip,
+                                           autocast=state.autocast)
+        elapsed = self.clock.elapsed()
+        self._last_eval_s = elapsed
+        train_loss = float(self._loss_sum) / self._loss_count if self._loss_count else None
+        self._loss_sum, self._loss_count = 0.0, 0
+        point = EvalPoint(elapsed, state.epoch_float, state.step, accuracy, test_loss, train_loss)
+        self.curve.append(point)
+        self.best_accuracy = max(self.best_accuracy, accuracy)
+        state.extras["last_accuracy"] = accuracy
+        if self.target is not None and accuracy >= self.target:
+            self.reached_at = elapsed
+            raise StopFit("reached", f"{accuracy:.2%} >= {self.target:.2%} at epoch {state.epoch_float:.2f}")
+        return point
+
+
+class DivergenceGuard:
+    """Stops the fit as ``diverged`` when the loss is NaN or infinite.
+
+    Checking reads the loss back from the device; on CUDA it is done every ``every`` steps so
+    the GPU queue is not drained at every step.
+    """
+
+    def __init__(self, every: int = 1) -> None:
+        self.every = every
+
+    def after_loss(self, state: FitState) -> None:
+        if state.step % self.every == 0:
+            value = float(state.loss.detach())
+            if not math.isfinite(value):
+                raise StopFit("diverged", f"loss became {value} at step {state.step} "
+                                          f"(epoch {state.epoch_float:.2f})")
+
+
+class TimeBudget:
+    """Stops the fit as ``budget_exhausted`` once ``seconds`` of wall clock have elapsed."""
+
+    def __init__(self, seconds: float, clock: Clock) -> None:
+        self.seconds, self.clock = seconds, clock
+
+    def after_step(self, state: FitState) -> None:
+        if self.clock.elapsed() >= self.seconds:
+            raise StopFit("budget_exhausted", f"time budget of {self.seconds:g} s used up at "
+                                              f"epoch {state.epoch_float:.2f}")
+
+
+class ProgressBar:
+    """A live line: epoch, step, images/s, last accuracy, elapsed (rich; refreshed a few times a second)."""
+
+    def __init__(self, clock: Clock, *, console=None) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.clock = clock
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]:.2f}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[ips]:,.0f} img/s"), TextColumn("acc {task.fields[acc]}"),
+            TextColumn("{task.fields[elapsed]:.1f} s"), console=console, refresh_per_second=4,
+            transient=True)
+        self._task = None
+
+    def before_fit(self, state: FitState) -> None:
+        self.progress.start()
+        self._task = self.progress.add_task("train", total=state.max_steps, epoch=0.0, ips=0.0,
+                                            acc="-", elapsed=0.0)
+
+    def after_step(self, state: FitState) -> None:
+        if state.step % 8 and state.step != state.max_steps:
+            return
+        elapsed = self.clock.elapsed()
+        train_s = max(elapsed - self.clock.eval_s, 1e-9)
+        acc = state.extras.get("last_accuracy")
+        self.progress.update(self._task, completed=state.step, epoch=state.epoch_float,
+                             ips=state.images_seen / train_s, elapsed=elapsed,
+                             acc=f"{acc:.2%}" if acc is not None else "-")
+
+    def after_fit(self, state: FitState) -> None:
+        self.progress.stop()

@@ -1,0 +1,308 @@
+"""``speedrun.train``: assemble a recipe into a model, data and hooks, run it against the clock, record it."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import re
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from speedrun import data as datalib
+from speedrun.config import ConfigError, Recipe
+from speedrun.env import cpu_has_native_bf16, environment
+from speedrun.measure.clock import Clock
+from speedrun.measure.flops import matmul_peak, train_flops_per_image
+from speedrun.models import build_model
+from speedrun.store import RunStore, StoreError, new_run_id
+from speedrun.techniques.label_smoothing import smoothed_cross_entropy
+from speedrun.techniques.schedules import LRSchedule
+from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget
+from speedrun.train.loop import FitState, fit
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cap on one run: wall-clock seconds and/or epochs."""
+
+    seconds: float | None = None
+    epochs: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | float | int | None) -> Budget:
+        """``90``, ``90s``, ``2m``, ``1.5h`` are seconds; ``3ep`` (or ``3e``) is epochs."""
+        if text is None or isinstance(text, Budget):
+            return text or cls()
+        if isinstance(text, (int, float)):
+            value, unit = float(text), "s"
+        else:
+            m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|h|e|ep|epochs?)?\s*", text)
+            if not m:
+                raise ConfigError(f"budget {text!r} not understood; use seconds (90, 90s, 2m, 1h) "
+                                  "or epochs (3ep)")
+            value, unit = float(m.group(1)), m.group(2) or "s"
+        if value <= 0:
+            raise ConfigError(f"budget must be > 0; got {text!r}")
+        if unit.startswith("e"):
+            return cls(epochs=value)
+        return cls(seconds=value * {"s": 1, "m": 60, "h": 3600}[unit])
+
+
+@dataclass
+class TrainResult:
+    """What one run measured. ``time_to_accuracy_s`` is None unless the target was reached."""
+
+    run_id: str
+    recipe: Recipe
+    seed: int
+    target: float
+    outcome: str
+    detail: str
+    time_to_accuracy_s: float | None
+    total_time_s: float  # clock at the end of the run
+    train_time_s: float  # total less evaluations
+    eval_time_s: float
+    prepare_s: float  # one-time dataset preparation, outside the clock (0 when cached)
+    best_accuracy: float
+    final_accuracy: float | None
+    epochs: float
+    steps: int
+    images_seen: int
+    images_per_s: float  # training images per second of train-only time
+    flops_per_image: float  # forward + backward
+    flops_per_s: float
+    peak_flops: float  # measured matmul peak of this device
+    mfu: float
+    device: str
+    torch_version: str
+    env: dict
+    curve: list[EvalPoint]
+    model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def reached(self) -> bool:
+        return self.outcome == "reached"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("model", "recipe", "curve")}
+        return {**d, "recipe": self.recipe.name, "reached": self.reached,
+                "curve": [asdict(p) for p in self.curve]}
+
+
+def resolve_recipe(recipe: str | Path | Recipe) -> Recipe:
+    from speedrun.config import load_toml
+    from speedrun.recipes import get_recipe
+
+    if isinstance(recipe, Recipe):
+        return recipe
+    if str(recipe).endswith(".toml"):
+        return load_toml(recipe)
+    return get_recipe(str(recipe))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but torch.cuda.is_available() is False here")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on GPUs that support it (else fp16), bf16 on CPUs with native bf16, else fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return precision
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """Param groups with ``peak_lr`` set (the schedule scales it); norm and bias params decay-free by default."""
+    cfg = recipe.optim
+    peak_lr = cfg.lr * recipe.train.batch_size / cfg.lr_batch_size
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 and not cfg.bn_weight_decay else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [dict(g, lr=peak_lr, peak_lr=peak_lr) for g in groups if g["params"]]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=peak_lr)
+    if cfg.name == "adadelta":
+        return torch.optim.Adadelta(groups, lr=peak_lr)
+    raise ConfigError(f"unknown optimizer {cfg.name!r}")
+
+
+def _store_for(store: RunStore | str | Path | bool | None) -> RunStore | None:
+    from speedrun.paths import default_store
+
+    if store is None or store is False:
+        return None
+    if isinstance(store, RunStore):
+        return store
+    return RunStore(default_store() if store is True else store)
+
+
+def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | None = None,
+          target: float | None = None, seed: int = 0, budget: str | float | Budget | None = None,
+          device: str = "auto", threads: int | None = None, store: RunStore | str | Path | bool | None = True,
+          progress: bool = False, stop_at_target: bool = True, group_id: str | None = None,
+          overrides: Mapping[str, Any] | None = None, **kw_overrides: Any) -> TrainResult:
+    """Train ``recipe`` until held-out accuracy reaches ``target`` (default: the recipe's), and time it.
+
+    Overrides are dotted keys (``{"optim.lr": 1.0}``) or keywords with ``__`` for the dot
+    (``train__epochs=3``). The run is recorded in ``store`` (the default store, a path, a RunStore,
+    or None); a store that cannot be written raises StoreError before training starts.
+
+    >>> result = speedrun.train("fashion-mnist", train__epochs=1, target=0.85)  # doctest: +SKIP
+    >>> result.time_to_accuracy_s, result.model  # doctest: +SKIP
+    """
+    values = dict(overrides or {})
+    values.update({k.replace("__", "."): v for k, v in kw_overrides.items()})
+    if data is not None:
+        values["data.source"] = str(data)
+    if target is not None:
+        values["target"] = target
+    recipe = resolve_recipe(recipe).override(values)
+    budget = Budget.parse(budget)
+    dev = resolve_device(device)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError("--threads must be >= 1")
+        torch.set_num_threads(threads)
+    precision = resolve_precision(recipe.train.precision, dev)
+
+    # One-time preparation, timed apart from the run.
+    source = datalib.resolve(recipe.data.source)
+    prepared = datalib.prepare(source)
+
+    env = {**environment(dev), "precision": precision}
+    run_store = _store_for(store)
+    run_id = new_run_id()
+    if run_store:
+        run_store.start_run(run_id=run_id, recipe_name=recipe.name, recipe=recipe.to_dict(), env=env,
+                            target=recipe.target, seed=seed, group_id=group_id)
+
+    clock = Clock(sync=torch.cuda.synchronize if dev.type == "cuda" else None)
+    state: FitState | None = None
+    evaluator: Evaluator | None = None
+    error: str | None = None
+    model = None
+    clock.start()  # MLPerf: before the dataset is touched
+    try:
+        state, evaluator, model = _run(recipe, prepared, dev, precision, seed, budget, clock, progress,
+                                       stop_at_target)
+    except KeyboardInterrupt:
+        error = "interrupted before training started"
+    except Exception as e:  # recorded as a failed run, never lost
+        error = f"{type(e).__name__}: {e}"
+        env = {**env, "traceback": traceback.format_exc()}
+    total = clock.stop()
+
+    result = _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, total, dev, precision,
+                     env, error)
+    if run_store:
+        run_store.finish_run(run_id, outcome=result.outcome, detail=result.detail,
+                             summary={k: v for k, v in result.to_dict().items() if k != "curve"},
+                             curve=[asdict(p) for p in result.curve])
+    return result
+
+
+def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int, budget: Budget,
+         clock: Clock, progress: bool, stop_at_target: bool) -> tuple[FitState, Evaluator, nn.Module]:
+    torch.manual_seed(seed)
+    images = datalib.load_prepared(prepared.directory)
+    to_dev = functools.partial(torch.as_tensor, device=dev)
+    common = dict(mean=images.mean, std=images.std, channels_last=recipe.train.channels_last)
+    train_loader = datalib.ResidentLoader(
+        to_dev(images.train_images), to_dev(images.train_labels), batch_size=recipe.train.batch_size,
+        train=True, seed=seed, flip=recipe.data.flip, translate_px=recipe.data.translate_px, **common)
+    test_loader = datalib.ResidentLoader(
+        to_dev(images.test_images), to_dev(images.test_labels), batch_size=recipe.eval.batch_size,
+        train=False, **common)
+    if len(train_loader) == 0:
+        raise ConfigError(f"train.batch_size {recipe.train.batch_size} exceeds the {len(images.train_labels)} "
+                          "training images")
+
+    model = build_model(recipe.model, in_channels=images.channels, num_classes=images.num_classes,
+                        image_size=images.image_size).to(dev)
+    if recipe.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, recipe)
+    net = torch.compile(model) if recipe.train.compile else model
+
+    autocast = contextlib.nullcontext
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        autocast = functools.partial(torch.autocast, dev.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
+
+    spe = len(train_loader)
+    schedule_steps = max(1, math.ceil(recipe.train.epochs * spe))
+    max_steps = schedule_steps if budget.epochs is None else min(schedule_steps, math.ceil(budget.epochs * spe))
+    smoothing = recipe.train.label_smoothing
+    state = FitState(model=net, optimizer=optimizer, autocast=autocast, grad_scaler=scaler,
+                     loss_fn=lambda logits, y: smoothed_cross_entropy(logits, y, smoothing),
+                     loader=train_loader, schedule_steps=schedule_steps, max_steps=max_steps)
+    ev = recipe.eval
+    evaluator = Evaluator(test_loader, clock=clock, target=recipe.target if stop_at_target else None,
+                          every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
+                          every_s=ev.every_s, start_step=math.ceil(ev.start_frac * schedule_steps),
+                          tta_flip=ev.tta_flip)
+    hooks: list[object] = [LRSchedule(recipe.schedule), DivergenceGuard(1 if dev.type == "cpu" else 25),
+                           evaluator]
+    if budget.seconds is not None:
+        hooks.append(TimeBudget(budget.seconds, clock))
+    if progress:
+        hooks.append(ProgressBar(clock))
+    fit(state, hooks)
+    state.extras["example"] = next(test_loader.epoch(0))[0][:2]
+    return state, evaluator, model
+
+
+def _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, total, dev, precision, env,
+            error) -> TrainResult:
+    outcome = "failed" if error and "interrupted" not in error else "interrupted" if error else state.outcome
+    detail = error or state.detail
+    if outcome == "completed":
+        best = evaluator.best_accuracy
+        outcome = "budget_exhausted"
+        detail = (f"schedule of {recipe.train.epochs:g} epochs ended at {best:.2%} < target {recipe.target:.2%}"
+                  if state.step >= state.schedule_steps else
+                  f"epoch budget ended at epoch {state.epoch_float:.2f}, best {best:.2%}")
+    curve = evaluator.curve if evaluator else []
+    train_s = clock.elapsed() - clock.eval_s
+    images_seen = state.images_seen if state else 0
+    flops = peak = 0.0
+    if state is not None and "example" in state.extras:  # counted after the clock stopped
+        smoothing = recipe.train.label_smoothing
+        example = state.extras.pop("example")
+        with state.autocast():
+            flops = train_flops_per_image(model, example, lambda out: smoothed_cross_entropy(
+                out, torch.zeros(len(out), dtype=torch.long, device=out.device), smoothing))
+        peak_dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+        peak = matmul_peak(dev, env["device_name"], peak_dtype)
+    ips = images_seen / train_s if train_s > 0 else 0.0
+    return TrainResult(
+        run_id=run_id, recipe=recipe, seed=seed, target=recipe.target, outcome=outcome, detail=detail,
+        time_to_accuracy_s=evaluator.reached_at if evaluator and outcome == "reached" else None,
+        total_time_s=total, train_time_s=train_s, eval_time_s=clock.eval_s, prepare_s=prepared.prepare_s,
+        best_accuracy=evaluator.best_accuracy if evaluator else 0.0,
+        final_accuracy=curve[-1].accuracy if curve else None,
+        epochs=state.epoch_float if state else 0.0, steps=state.step if state else 0, images_seen=images_seen,
+        images_per_s=ips, flops_per_image=flops, flops_per_s=flops * ips, peak_flops=peak,
+        mfu=flops * ips / peak if peak else 0.0, device=env["device_name"], torch_version=torch.__version__,
+        env=env, curve=curve, model=model)
