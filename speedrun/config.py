@@ -211,6 +211,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return float(value)
         if hint is str:
             return str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{key} expects {_type_name(hint)}; got {value!r}") from None
     raise ConfigError(f"{key}: unsupported type {hint}")

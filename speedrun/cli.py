@@ -1,0 +1,308 @@
+"""The ``speedrun`` command: train, recipes, runs, show."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import uuid
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from speedrun.config import ConfigError
+from speedrun.data import DataError
+from speedrun.store import OUTCOMES, RunStore, StoreError
+
+EXIT_NOT_REACHED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+out = Console(soft_wrap=True)  # never wrap lines: they are read by scripts and tests too
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str) -> int:
+    err.print(f"[bold red]speedrun: error:[/] {message}", highlight=False)
+    return EXIT_USAGE
+
+
+def _parse_sets(items: Sequence[str]) -> dict[str, str]:
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects section.key=value; got {item!r}")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def _fmt_s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f} s"
+
+
+def _target(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"target must be in (0, 1] (or a percentage); got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- train
+
+def _print_result(r) -> None:
+    status = {"reached": "[bold green]reached[/]", "interrupted": "[yellow]interrupted[/]"}.get(
+        r.outcome, f"[bold red]{r.outcome.replace('_', ' ')}[/]")
+    out.print(f"{status} {r.detail}  (run {r.run_id}, recipe {r.recipe.name}, seed {r.seed})", highlight=False)
+    rows = [
+        ("time-to-accuracy", f"{_fmt_s(r.time_to_accuracy_s)}  target {r.target:.2%}, best {r.best_accuracy:.2%}"),
+        ("clock", f"{_fmt_s(r.total_time_s)} = train {_fmt_s(r.train_time_s)} + {len(r.curve)} evals "
+                  f"{_fmt_s(r.eval_time_s)}"),
+        ("epochs", f"{r.epochs:.2f} ({r.steps} steps)"),
+        ("images/s", f"{r.images_per_s:,.0f} (training, evals excluded)"),
+        ("model", f"{r.flops_per_image / 1e6:,.1f} MFLOP/image forward+backward"),
+        ("MFU", f"{r.mfu:.0%}: {r.flops_per_s / 1e9:.1f} GFLOP/s of a measured {r.peak_flops / 1e9:.1f} "
+                f"GFLOP/s matmul peak"),
+        ("dataset prep", f"{_fmt_s(r.prepare_s)} one-time, outside the clock"
+                         + (" (cached)" if r.prepare_s == 0 else "")),
+        ("device", f"{r.device}, {r.env.get('threads')} threads, {r.env.get('precision')}, torch {r.torch_version}"),
+    ]
+    for name, value in rows:
+        out.print(f"  {name:<17} {value}", highlight=False)
+
+
+def _seeds_summary(results: list, group_id: str) -> dict[str, Any]:
+    from statistics import median
+
+    from speedrun.measure.stats import seed_stats
+
+    stats = seed_stats([r.time_to_accuracy_s for r in results])
+    first = results[0]
+    return {
+        "run_id": group_id, "group_id": group_id, "recipe": first.recipe.name, "target": first.target,
+        "seeds": [r.seed for r in results], "reached": stats.passed == stats.runs,
+        "time_to_accuracy_s": stats.median_s, "median_time_to_accuracy_s": stats.median_s,
+        "min_time_to_accuracy_s": stats.min_s, "max_time_to_accuracy_s": stats.max_s,
+        "cv_time_to_accuracy": stats.cv, "mlperf_time_to_accuracy_s": stats.mlperf_s,
+        "pass_rate": stats.pass_rate, "train_time_s": median(r.train_time_s for r in results),
+        "best_accuracy": max(r.best_accuracy for r in results), "epochs": median(r.epochs for r in results),
+        "images_per_s": median(r.images_per_s for r in results), "mfu": median(r.mfu for r in results),
+        "device": first.device, "torch_version": first.torch_version,
+        "runs": [r.to_dict() for r in results],
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from speedrun.train.run import Budget, resolve_recipe, train
+
+    # Check everything that can be checked before any training starts.
+    recipe = resolve_recipe(args.recipe).override(_parse_sets(args.set))
+    Budget.parse(args.budget)
+    store: RunStore | None = None
+    store_problem = None
+    try:
+        store = RunStore(args.store) if args.store else RunStore(_default_store())
+    except StoreError as e:
+        store_problem = str(e)
+        err.print(f"[bold red]speedrun: error:[/] {e}; training anyway, the run will not be recorded",
+                  highlight=False)
+
+    group_id = uuid.uuid4().hex[:10] if args.seeds > 1 else None
+    results = []
+    for i in range(args.seeds):
+        seed = args.seed + i
+        if args.seeds > 1 and not args.json:
+            out.print(f"[dim]seed {seed} ({i + 1}/{args.seeds})[/]")
+        try:
+            r = train(recipe, data=args.data, target=args.target, seed=seed, budget=args.budget,
+                      device=args.device, threads=args.threads, store=store,
+                      progress=not args.json and out.is_terminal, group_id=group_id)
+        except StoreError as e:  # the store broke after opening: keep training unrecorded
+            store_problem, store = str(e), None
+            err.print(f"[bold red]speedrun: error:[/] {e}", highlight=False)
+            continue
+        results.append(r)
+        if not args.json:
+            _print_result(r)
+        if r.outcome == "interrupted":
+            break
+    if not results:
+        return EXIT_USAGE
+
+    if args.json:
+        payload = results[0].to_dict() if args.seeds == 1 else _seeds_summary(results, group_id)
+        print(json.dumps(payload, default=str))
+    elif args.seeds > 1:
+        s = _seeds_summary(results, group_id)
+        out.print(f"\n[bold]{len(results)} seeds[/] (group {group_id}): pass-rate {s['pass_rate']:.0%}, "
+                  f"time-to-{s['target']:.0%} median {_fmt_s(s['median_time_to_accuracy_s'])}, "
+                  f"min {_fmt_s(s['min_time_to_accuracy_s'])}, max {_fmt_s(s['max_time_to_accuracy_s'])}, "
+                  f"CV {s['cv_time_to_accuracy'] or 0:.1%}, MLPerf aggregate "
+                  f"{_fmt_s(s['mlperf_time_to_accuracy_s'])}", highlight=False)
+    if store_problem:
+        return EXIT_USAGE
+    if any(r.outcome == "interrupted" for r in results):
+        return EXIT_INTERRUPTED
+    return 0 if all(r.reached for r in results) else EXIT_NOT_REACHED
+
+
+# ---------------------------------------------------------------- recipes, runs, show
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from speedrun.recipes import RECIPES, get_recipe
+
+    if args.name:
+        recipe = get_recipe(args.name)
+        if args.json:
+            print(recipe.to_json())
+        else:
+            for section, value in recipe.to_dict().items():
+                if isinstance(value, dict):
+                    out.print(f"[bold]{section}[/]")
+                    for key, v in value.items():
+                        out.print(f"  {section}.{key} = {v!r}", highlight=False)
+                else:
+                    out.print(f"{section} = {value!r}", highlight=False)
+        return 0
+    if args.json:
+        print(json.dumps([{"name": s.name, "description": s.description, "target": s.build().target}
+                          for s in RECIPES.values()]))
+        return 0
+    table = Table("recipe", "target", "description")
+    for spec in RECIPES.values():
+        table.add_row(spec.name, f"{spec.build().target:.0%}", spec.description)
+    out.print(table)
+    return 0
+
+
+def _default_store():
+    from speedrun.paths import default_store
+
+    return default_store()
+
+
+def _open_store(args) -> RunStore:
+    return RunStore(args.store or _default_store())
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    runs = _open_store(args).list_runs(recipe=args.recipe, outcome=args.outcome, group=args.group,
+                                       limit=args.limit)
+    if args.json:
+        print(json.dumps(runs))
+        return 0
+    table = Table("id", "started (UTC)", "recipe", "seed", "outcome", "target", "time-to-acc", "best acc",
+                  "epochs", "device")
+    for run in runs:
+        s = run["summary"]
+        table.add_row(run["id"], run["created_at"].replace("+00:00", ""), run["recipe_name"], str(run["seed"]),
+                      run["outcome"], f"{run['target']:.2%}" if run["target"] else "-",
+                      _fmt_s(run["time_to_accuracy_s"]),
+                      f"{run['best_accuracy']:.2%}" if run["best_accuracy"] is not None else "-",
+                      f"{s['epochs']:.2f}" if "epochs" in s else "-", run["device"] or "-")
+    out.print(table)
+    if not runs:
+        out.print(f"[dim]no runs in {_open_store(args).path} match[/]")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    run = _open_store(args).get_run(args.run_id)
+    if args.json:
+        print(json.dumps(run))
+        return 0
+    s = run["summary"]
+    out.print(f"[bold]run {run['id']}[/] {run['recipe_name']} seed {run['seed']}: {run['outcome']} "
+              f"{run['detail'] or ''}", highlight=False)
+    for key in ("time_to_accuracy_s", "total_time_s", "train_time_s", "eval_time_s", "prepare_s",
+                "best_accuracy", "epochs", "images_per_s", "flops_per_image", "mfu"):
+        if key in s:
+            out.print(f"  {key:<20} {s[key]}", highlight=False)
+    out.print("[bold]environment[/]")
+    for key, value in run["env"].items():
+        if key != "traceback":
+            out.print(f"  {key:<20} {value}", highlight=False)
+    if run["curve"]:
+        table = Table("elapsed s", "epoch", "step", "accuracy", "test loss", "train loss", title="curve")
+        for p in run["curve"]:
+            table.add_row(f"{p['elapsed_s']:.1f}", f"{p['epoch']:.2f}", str(p["step"]), f"{p['accuracy']:.2%}",
+                          f"{p['test_loss']:.4f}", "-" if p["train_loss"] is None else f"{p['train_loss']:.4f}")
+        out.print(table)
+    out.print(f"[dim]recipe: speedrun show {run['id']} --json | jq .recipe[/]")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="speedrun", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def store_option(p):
+        p.add_argument("--store", help="run store (SQLite file); default $SPEEDRUN_STORE or "
+                                       "$SPEEDRUN_HOME/runs.sqlite (~/.speedrun/runs.sqlite)")
+
+    t = sub.add_parser("train", help="train a recipe to a target accuracy and report time-to-accuracy")
+    t.add_argument("--recipe", default="fashion-mnist", help="built-in recipe name or a .toml file "
+                                                              "(default: fashion-mnist)")
+    t.add_argument("--data", help="dataset: a built-in name or a path (default: the recipe's)")
+    t.add_argument("--target", type=_target, help="held-out accuracy to reach, in (0, 1] or as 92%%")
+    t.add_argument("--budget", help="give up after this long: seconds (90, 90s, 2m) or epochs (3ep)")
+    t.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    t.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds to run (default 1)")
+    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    t.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.epochs=3 (repeatable)")
+    t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    store_option(t)
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("recipes", help="list built-in recipes, or show one in full")
+    r.add_argument("name", nargs="?")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_recipes)
+
+    ls = sub.add_parser("runs", help="list stored runs, newest first")
+    ls.add_argument("--recipe")
+    ls.add_argument("--outcome", choices=OUTCOMES)
+    ls.add_argument("--group", help="runs of one multi-seed group")
+    ls.add_argument("--limit", type=_positive_int, default=50)
+    ls.add_argument("--json", action="store_true")
+    store_option(ls)
+    ls.set_defaults(func=cmd_runs)
+
+    sh = sub.add_parser("show", help="show one stored run: summary, environment, curve")
+    sh.add_argument("run_id", help="run id or a unique prefix of it")
+    sh.add_argument("--json", action="store_true")
+    store_option(sh)
+    sh.set_defaults(func=cmd_show)
+    return parser
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a killed job is recorded like Ctrl-C
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, StoreError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        err.print("speedrun: interrupted")
+        return EXIT_INTERRUPTED

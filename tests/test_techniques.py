@@ -1,0 +1,47 @@
+import math
+
+import pytest
+import torch
+
+from speedrun.config import ScheduleConfig
+from speedrun.techniques.label_smoothing import smooth_labels, smoothed_cross_entropy
+from speedrun.techniques.schedules import LRSchedule, lr_factor, one_cycle, step_decay
+
+
+def test_one_cycle_is_piecewise_linear():
+    kw = dict(warmup_frac=0.2, start_factor=0.1, end_factor=0.05)
+    assert one_cycle(0.0, **kw) == pytest.approx(0.1)
+    assert one_cycle(0.1, **kw) == pytest.approx(0.55)
+    assert one_cycle(0.2, **kw) == pytest.approx(1.0)
+    assert one_cycle(0.6, **kw) == pytest.approx(1.0 - 0.95 * 0.5)
+    assert one_cycle(1.0, **kw) == pytest.approx(0.05)
+    assert one_cycle(1.7, **kw) == pytest.approx(0.05)  # clamped
+
+
+def test_step_decay_and_constant():
+    assert step_decay(0.99, gamma=0.7) == 1.0
+    assert step_decay(2.5, gamma=0.7) == pytest.approx(0.49)
+    assert lr_factor(ScheduleConfig(kind="constant"), progress=0.5, epoch=3) == 1.0
+
+
+def test_schedule_hook_sets_every_group_from_its_peak():
+    p1, p2 = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p1], "peak_lr": 1.0}, {"params": [p2], "peak_lr": 0.5}], lr=1.0)
+
+    class State:
+        optimizer, progress, epoch_float = opt, 0.125, 0.3
+
+    LRSchedule(ScheduleConfig(kind="one-cycle", warmup_frac=0.25, start_factor=0.0)).before_batch(State)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.25])
+
+
+def test_label_smoothing_matches_the_reference_formula():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(16, 10), torch.randint(0, 10, (16,))
+    soft = smooth_labels(targets, 10, 0.2)
+    assert torch.allclose(soft.sum(1), torch.ones(16))
+    assert soft[0, targets[0]] == pytest.approx(0.8 + 0.02) and soft.min() == pytest.approx(0.02)
+    reference = -(soft * torch.log_softmax(logits, 1)).sum(1).mean()
+    assert smoothed_cross_entropy(logits, targets, 0.2) == pytest.approx(float(reference), rel=1e-5)
+    assert smoothed_cross_entropy(logits, targets, 0.0) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, targets)))
