@@ -1,0 +1,176 @@
+"""Benchmark `speedrun train`: time-to-accuracy over seeds, MFU, and the trainer's overhead.
+
+    .venv/bin/python benchmarks/bench_train.py [--recipe fashion-mnist] [--seeds 5] [--write]
+
+Part 1 runs the recipe to its target once per seed, exactly as `speedrun train` does (the clock
+covers loading the prepared dataset, building the model, training and every evaluation; the
+one-time IDX decode is outside it and reported apart).
+Part 2 measures the event loop's overhead: the same model, optimizer, LR schedule and batches,
+trained for the same steps by `speedrun.train.fit` with the recipe's hooks and by a bare
+forward/backward/step loop, alternated A/B so machine drift hits both; evaluation time excluded.
+With --write the results replace the matching section of BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+import speedrun
+from speedrun import data as datalib
+from speedrun.env import environment
+from speedrun.measure.clock import Clock
+from speedrun.measure.stats import seed_stats
+from speedrun.models import build_model
+from speedrun.techniques.label_smoothing import smoothed_cross_entropy
+from speedrun.techniques.schedules import LRSchedule, lr_factor
+from speedrun.train.hooks import DivergenceGuard, Evaluator
+from speedrun.train.loop import FitState, fit
+from speedrun.train.run import build_optimizer, resolve_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def time_to_accuracy(recipe_name: str, seeds: int, store: Path) -> tuple[list, str]:
+    results = []
+    for seed in range(seeds):
+        r = speedrun.train(recipe_name, seed=seed, store=store)
+        results.append(r)
+        print(f"  seed {seed}: {r.outcome:<16} tta {r.time_to_accuracy_s or float('nan'):6.1f} s  "
+              f"best {r.best_accuracy:.2%}  epochs {r.epochs:.2f}  {r.images_per_s:,.0f} img/s  "
+              f"MFU {r.mfu:.0%}", flush=True)
+    s = seed_stats([r.time_to_accuracy_s for r in results])
+    r0 = results[0]
+    fmt = lambda v: "-" if v is None else f"{v:.1f} s"
+    lines = [
+        f"| seed | outcome | time-to-{r0.target:.0%} | best acc | epochs | evals (s) | train img/s | MFU |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {r.seed} | {r.outcome} | {fmt(r.time_to_accuracy_s)} | {r.best_accuracy:.2%} | {r.epochs:.2f} | "
+          f"{len(r.curve)} ({r.eval_time_s:.1f}) | {r.images_per_s:,.0f} | {r.mfu:.0%} |" for r in results],
+        "",
+        f"**{s.runs} seeds: pass-rate {s.pass_rate:.0%}; time-to-{r0.target:.0%} median {fmt(s.median_s)}, "
+        f"min {fmt(s.min_s)}, max {fmt(s.max_s)}, CV {0 if s.cv is None else s.cv:.1%}; "
+        f"MLPerf aggregate (drop fastest and slowest, mean of the rest) {fmt(s.mlperf_s)}.**",
+        "",
+        f"Model: {r0.flops_per_image / 1e6:.1f} MFLOP per image forward+backward; MFU = achieved training "
+        f"FLOP/s ÷ a measured fp32 2048² matmul peak of {r0.peak_flops / 1e9:.1f} GFLOP/s "
+        f"(median MFU {statistics.median(r.mfu for r in results):.0%}). "
+        f"One-time dataset preparation: {max(r.prepare_s for r in results):.1f} s (outside the clock).",
+    ]
+    return results, "\n".join(lines)
+
+
+def overhead(recipe_name: str, steps: int, repeats: int) -> str:
+    recipe = resolve_recipe(recipe_name)
+    prepared = datalib.prepare(datalib.resolve(recipe.data.source))
+    images = datalib.load_prepared(prepared.directory)
+    loader = datalib.ResidentLoader(
+        torch.as_tensor(images.train_images), torch.as_tensor(images.train_labels),
+        batch_size=recipe.train.batch_size, mean=images.mean, std=images.std, train=True,
+        flip=recipe.data.flip, translate_px=recipe.data.translate_px, channels_last=recipe.train.channels_last)
+    steps = min(steps, len(loader))
+    smoothing = recipe.train.label_smoothing
+    loss_fn = lambda logits, y: smoothed_cross_entropy(logits, y, smoothing)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(recipe.model, in_channels=images.channels, num_classes=images.num_classes,
+                            image_size=images.image_size)
+        if recipe.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model, build_optimizer(model, recipe)
+
+    def bare() -> float:
+        model, opt = fresh()
+        model.train()
+        t0 = time.perf_counter()
+        for step, (x, y) in enumerate(loader.epoch(0)):
+            if step == steps:
+                break
+            factor = lr_factor(recipe.schedule, progress=step / steps, epoch=step / len(loader))
+            for g in opt.param_groups:
+                g["lr"] = g["peak_lr"] * factor
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return time.perf_counter() - t0
+
+    def framework() -> float:
+        model, opt = fresh()
+        clock = Clock().start()
+        state = FitState(model=model, optimizer=opt, loss_fn=loss_fn, loader=loader, schedule_steps=steps,
+                         max_steps=steps)
+        evaluator = Evaluator(loader, clock=clock, target=None, every_steps=0, start_step=steps + 1)
+        evaluator.run = lambda state: None  # no evaluation: we time the training steps only
+        fit(state, [LRSchedule(recipe.schedule), DivergenceGuard(), evaluator])
+        return clock.elapsed()
+
+    bare()  # warm-up: oneDNN primitive creation, allocator
+    pairs = []
+    for i in range(repeats):
+        a, b = (bare(), framework()) if i % 2 == 0 else tuple(reversed((framework(), bare())))
+        pairs.append((a, b))
+        print(f"  repeat {i}: bare {a:.2f} s, speedrun.fit {b:.2f} s, ratio {b / a:.3f}", flush=True)
+    ratios = [b / a for a, b in pairs]
+    med = statistics.median(ratios)
+    return (f"{steps} training steps of `{recipe_name}` (batch {recipe.train.batch_size}), {repeats} A/B repeats "
+            f"alternating order: bare loop median {statistics.median(a for a, _ in pairs):.2f} s, `speedrun.fit` "
+            f"with LR schedule, divergence guard and evaluator hooks median "
+            f"{statistics.median(b for _, b in pairs):.2f} s. **Overhead: median ratio {med:.3f} "
+            f"({(med - 1) * 100:+.1f}%), min {min(ratios):.3f}, max {max(ratios):.3f}.**")
+
+
+def replace_section(path: Path, title: str, body: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start_marker, end_marker = f"<!-- {title} -->", f"<!-- /{title} -->"
+    block = f"{start_marker}\n{body}\n{end_marker}"
+    if start_marker in text:
+        head, rest = text.split(start_marker, 1)
+        text = head + block + rest.split(end_marker, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="fashion-mnist")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--overhead-steps", type=int, default=100)
+    parser.add_argument("--overhead-repeats", type=int, default=5)
+    parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    args = parser.parse_args()
+
+    env = environment(torch.device("cpu"))
+    print(f"{env['device_name']}, torch {env['torch_version']}, {env['threads']} threads, code {env['code_version']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"time-to-accuracy, {args.seeds} seeds:")
+        _, tta = time_to_accuracy(args.recipe, args.seeds, Path(tmp) / "runs.sqlite")
+    print(tta)
+    over = ""
+    if not args.skip_overhead:
+        print("trainer overhead:")
+        over = overhead(args.recipe, args.overhead_steps, args.overhead_repeats)
+        print(over)
+    if args.write:
+        body = (f"## `speedrun train --recipe {args.recipe}`\n\n"
+                f"Measured {date.today()} with `benchmarks/bench_train.py --recipe {args.recipe} --seeds "
+                f"{args.seeds}` on {env['device_name']}, {env['threads']} threads, torch {env['torch_version']}, "
+                f"code {env['code_version']}. Timed region: from before the prepared dataset is read to the end of "
+                f"the first evaluation at or above target (model creation, training, every evaluation included).\n\n"
+                f"{tta}\n" + (f"\n### Trainer overhead\n\n{over}\n" if over else ""))
+        replace_section(ROOT / "BENCHMARKS.md", f"train:{args.recipe}", body)
+        print("BENCHMARKS.md updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
