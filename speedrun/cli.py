@@ -164,10 +164,13 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     from speedrun.recipes import RECIPES, get_recipe
 
     if args.name:
+        from speedrun.techniques.registry import enabled_techniques
+
         recipe = get_recipe(args.name)
         if args.json:
             print(recipe.to_json())
         else:
+            out.print(f"[bold]techniques:[/] {', '.join(enabled_techniques(recipe)) or 'none'}")
             for section, value in recipe.to_dict().items():
                 if isinstance(value, dict):
                     out.print(f"[bold]{section}[/]")
@@ -184,6 +187,20 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for spec in RECIPES.values():
         table.add_row(spec.name, f"{spec.build().target:.0%}", spec.description)
     out.print(table)
+    return 0
+
+
+def cmd_techniques(args: argparse.Namespace) -> int:
+    from speedrun.techniques.registry import TECHNIQUES
+
+    records = [{k: v for k, v in vars(t).items() if not callable(v)} for t in TECHNIQUES.values()]
+    if args.json:
+        print(json.dumps(records))
+        return 0
+    for t in records:
+        out.print(f"[bold]{t['name']}[/]: {t['summary']}", highlight=False)
+        for label in ("source", "helps_when", "cost", "switch"):
+            out.print(f"    {label.replace('_', ' '):<11} {t[label]}", highlight=False)
     return 0
 
 
@@ -274,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("name", nargs="?")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_recipes)
+
+    te = sub.add_parser("techniques", help="list the speedup techniques: what, from where, when they help")
+    te.add_argument("--json", action="store_true")
+    te.set_defaults(func=cmd_techniques)
 
     ls = sub.add_parser("runs", help="list stored runs, newest first")
     ls.add_argument("--recipe")

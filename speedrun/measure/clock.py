@@ -21,12 +21,15 @@ class Clock:
         self._start, self._stopped_at, self.eval_s = time.perf_counter(), None, 0.0
         return self
 
-    def elapsed(self) -> float:
+    def elapsed(self, *, sync: bool = True) -> float:
+        """Seconds since start. ``sync=False`` skips waiting for queued device work: cheap enough
+        for per-step checks (budgets, progress), exact only at the next synchronizing read."""
         if self._start is None:
             raise RuntimeError("clock not started")
         if self._stopped_at is not None:
             return self._stopped_at - self._start
-        self._sync()
+        if sync:
+            self._sync()
         return time.perf_counter() - self._start
 
     def stop(self) -> float:

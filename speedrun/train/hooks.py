@@ -1,6 +1,7 @@
 """The trainer's own hooks: evaluation against the target, budgets, divergence, progress display."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -22,13 +23,14 @@ class EvalPoint:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, *, tta_flip: bool = False, autocast=None) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader, *, tta_flip: bool = False,
+             autocast=contextlib.nullcontext) -> tuple[float, float]:
     """Accuracy and mean cross-entropy over ``loader``; with ``tta_flip``, logits of image and mirror averaged."""
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
     for x, y in loader.epoch(0):
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+        with autocast():
             logits = model(x)
             if tta_flip:
                 logits = (logits + model(x.flip(3))) / 2
@@ -69,7 +71,7 @@ class Evaluator:
         due = state.step >= state.max_steps
         if self.every_steps and state.step % self.every_steps == 0:
             due = True
-        if self.every_s and self.clock.elapsed() - self._last_eval_s >= self.every_s:
+        if self.every_s and self.clock.elapsed(sync=False) - self._last_eval_s >= self.every_s:
             due = True
         if due:
             self.run(state)
@@ -117,7 +119,7 @@ class TimeBudget:
         self.seconds, self.clock = seconds, clock
 
     def after_step(self, state: FitState) -> None:
-        if self.clock.elapsed() >= self.seconds:
+        if self.clock.elapsed(sync=False) >= self.seconds:
             raise StopFit("budget_exhausted", f"time budget of {self.seconds:g} s used up at "
                                               f"epoch {state.epoch_float:.2f}")
 
@@ -144,7 +146,7 @@ class ProgressBar:
     def after_step(self, state: FitState) -> None:
         if state.step % 8 and state.step != state.max_steps:
             return
-        elapsed = self.clock.elapsed()
+        elapsed = self.clock.elapsed(sync=False)
         train_s = max(elapsed - self.clock.eval_s, 1e-9)
         acc = state.extras.get("last_accuracy")
         self.progress.update(self._task, completed=state.step, epoch=state.epoch_float,

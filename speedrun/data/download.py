@@ -1,0 +1,100 @@
+"""Downloads checked against published md5 sums, and tar archives read or extracted once."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from speedrun.data.sources import DataError
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
+
+
+def fetch(url: str, dest: Path, *, timeout_s: float = 60.0) -> None:
+    """Copy ``url`` to ``dest``, nothing more (tests replace this to run offline)."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as response, open(dest, "wb") as f:
+        shutil.copyfileobj(response, f, length=1 << 20)
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, *, md5: str) -> Path:
+    """Download ``url`` to ``dest``; a file failing its checksum is deleted and reported.
+
+    The bytes land in ``dest.part`` and are renamed only once verified, so ``dest`` is
+    either absent or complete.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        fetch(url, part)
+    except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
+        part.unlink(missing_ok=True)
+        raise DataError(f"could not download {url}: {e}") from None
+    digest = md5sum(part)
+    if digest != md5:
+        part.unlink()
+        raise DataError(f"downloaded {dest.name} fails its checksum (md5 {digest}, expected {md5}); deleted it")
+    part.replace(dest)
+    return dest
+
+
+def is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def archive_stem(path: Path) -> str:
+    name = path.name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def peek_members(archive: Path, *, limit: int = 64) -> list[str]:
+    """Names of the first ``limit`` files in a tar archive (cheap: stops reading early)."""
+    names = []
+    try:
+        with tarfile.open(archive, "r:*") as tf:
+            for member in tf:
+                if member.isfile():
+                    names.append(member.name)
+                    if len(names) >= limit:
+                        break
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{archive}: not a readable tar archive ({e})") from None
+    return names
+
+
+def extract_once(archive: Path, target: Path) -> Path:
+    """Extract ``archive`` into ``target`` unless already there; atomic (temporary folder, then rename)."""
+    if target.is_dir():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    except OSError as e:
+        raise DataError(f"cannot extract {archive.name} under {target.parent}: {e}") from None
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tf:
+                tf.extractall(tmp, filter="data")  # refuses absolute paths and links leaving the folder
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"{archive}: cannot extract ({e})") from None
+        try:
+            tmp.rename(target)
+        except OSError:  # another process extracted it meanwhile
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

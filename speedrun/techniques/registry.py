@@ -1,0 +1,89 @@
+"""The technique catalog: frozen records saying what each technique does, where it comes from,
+when it helps, what it costs, how a recipe switches it on, and how to take it out (for ablations).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from speedrun.config import Recipe
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str
+    summary: str  # what it does
+    source: str  # the paper or record it comes from
+    helps_when: str
+    cost: str
+    switch: str  # the recipe keys that control it
+    enabled: Callable[[Recipe], bool]
+    disable: Callable[[Recipe], Recipe]  # the same recipe without this technique
+
+
+def _set(recipe: Recipe, section: str, **values) -> Recipe:
+    return replace(recipe, **{section: replace(getattr(recipe, section), **values)})
+
+
+TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
+    Technique(
+        "one-cycle",
+        "LR rises linearly to its peak, then falls linearly to ~0 (triangular one-cycle)",
+        "Smith & Topin 2018, super-convergence; fast.ai DAWNBench; airbench",
+        "short schedules: most of the accuracy comes in the final low-LR phase",
+        "none", "schedule.kind, schedule.warmup_frac, schedule.start_factor, schedule.end_factor",
+        lambda r: r.schedule.kind == "one-cycle",
+        lambda r: _set(r, "schedule", kind="step", step_gamma=0.7)),
+    Technique(
+        "label-smoothing",
+        "trains against (1 - s) one-hot + s uniform targets",
+        "Szegedy et al. 2016; Google's TPU DAWNBench entries; airbench (s=0.2)",
+        "over-confident networks, short schedules",
+        "none", "train.label_smoothing",
+        lambda r: r.train.label_smoothing > 0,
+        lambda r: _set(r, "train", label_smoothing=0.0)),
+    Technique(
+        "flip",
+        "mirrors a random half of each batch left-right",
+        "standard augmentation (Krizhevsky 2012); airbench",
+        "images whose class is mirror-invariant",
+        "a batched tensor op per step", "data.flip",
+        lambda r: r.data.flip,
+        lambda r: _set(r, "data", flip=False)),
+    Technique(
+        "translate",
+        "shifts each image by up to N pixels with reflect padding",
+        "Myrtle.ai; airbench (2 px)",
+        "small datasets; longer schedules",
+        "a batched gather per step", "data.translate_px",
+        lambda r: r.data.translate_px > 0,
+        lambda r: _set(r, "data", translate_px=0)),
+    Technique(
+        "channels-last",
+        "NHWC memory format for activations and conv weights",
+        "PyTorch performance guide; hlb-CIFAR10",
+        "convolutions on oneDNN (CPU) and tensor cores (GPU): ~1.5x on this CPU",
+        "none", "train.channels_last",
+        lambda r: r.train.channels_last,
+        lambda r: _set(r, "train", channels_last=False)),
+    Technique(
+        "no-decay-norm-bias",
+        "no weight decay on BatchNorm parameters and biases",
+        "Goyal et al. 2017; Jia et al. 2018",
+        "large batches; any net with BN",
+        "none", "optim.bn_weight_decay",
+        lambda r: not r.optim.bn_weight_decay and r.optim.weight_decay > 0,
+        lambda r: _set(r, "optim", bn_weight_decay=True)),
+    Technique(
+        "flip-tta",
+        "at evaluation, averages the logits of each image and its mirror",
+        "Myrtle.ai (26 s CIFAR-10); airbench",
+        "when an evaluation is cheap relative to the training it saves",
+        "doubles evaluation compute", "eval.tta_flip",
+        lambda r: r.eval.tta_flip,
+        lambda r: _set(r, "eval", tta_flip=False)),
+)}
+
+
+def enabled_techniques(recipe: Recipe) -> list[str]:
+    return [t.name for t in TECHNIQUES.values() if t.enabled(recipe)]
