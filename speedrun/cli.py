@@ -68,8 +68,8 @@ def _print_result(r) -> None:
     out.print(f"{status} {r.detail}  (run {r.run_id}, recipe {r.recipe.name}, seed {r.seed})", highlight=False)
     rows = [
         ("time-to-accuracy", f"{_fmt_s(r.time_to_accuracy_s)}  target {r.target:.2%}, best {r.best_accuracy:.2%}"),
-        ("clock", f"{_fmt_s(r.total_time_s)} = train {_fmt_s(r.train_time_s)} + {len(r.curve)} evals "
-                  f"{_fmt_s(r.eval_time_s)}"),
+        ("clock", f"{_fmt_s(r.total_time_s)} = train {_fmt_s(r.train_time_s)} + evaluations "
+                  f"{_fmt_s(r.eval_time_s)} ({len(r.curve)})"),
         ("epochs", f"{r.epochs:.2f} ({r.steps} steps)"),
         ("images/s", f"{r.images_per_s:,.0f} (training, evals excluded)"),
         ("model", f"{r.flops_per_image / 1e6:,.1f} MFLOP/image forward+backward"),
