@@ -34,7 +34,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "convnet"
-    widths: tuple[int, ...] = (32, 64, 128)
+    widths: tuple[int, ...] = (32, 64, 64, 128, 128)  # output channels of each 3x3 conv
+    pools: tuple[int, ...] = (0, 1, 3)  # indices of the convs followed by a 2x2 max-pool
     activation: Literal["relu", "gelu", "celu"] = "gelu"
     dropout: float = 0.0
     logit_scale: float = 1.0  # multiplies the logits (airbench uses 1/9)
@@ -73,6 +74,17 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AverageConfig:
+    """Weight averaging. ``lookahead`` (airbench's variant): every ``every`` steps the slow weights move
+    toward the fast ones and the fast weights restart from the slow; averaging strength grows as
+    ``decay**every * progress**3``, so early training is untouched and the end is smoothed."""
+
+    kind: Literal["none", "lookahead"] = "none"
+    every: int = 5
+    decay: float = 0.95
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every_epochs: float = 0.5  # evaluate every this many epochs ...
     every_s: float = 0.0  # ... or every this many seconds (0: off)
@@ -91,6 +103,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    average: AverageConfig = field(default_factory=AverageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def override(self, values: Mapping[str, Any]) -> Recipe:
@@ -121,7 +134,11 @@ def validate(recipe: Recipe) -> None:
         (0.0 <= recipe.eval.start_frac <= 1.0, "eval.start_frac must be in [0, 1]"),
         (0.0 <= recipe.schedule.warmup_frac < 1.0, "schedule.warmup_frac must be in [0, 1)"),
         (len(recipe.model.widths) > 0, "model.widths must not be empty"),
+        (all(0 <= i < len(recipe.model.widths) for i in recipe.model.pools),
+         "model.pools must index convs in model.widths"),
         (recipe.data.translate_px >= 0, "data.translate_px must be >= 0"),
+        (recipe.average.every >= 1 and 0 <= recipe.average.decay < 1,
+         "average.every must be >= 1 and average.decay in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -82,5 +82,103 @@ def fashion_slice(tmp_path_factory) -> Path:
 
 
 # A recipe small enough to train in seconds on a slice.
-TINY = {"model.widths": "8,16", "optim.lr": "0.5", "train.epochs": "2", "train.batch_size": "128", "eval.every_epochs": "1",
+TINY = {"model.widths": "8,16", "model.pools": "0,1", "optim.lr": "0.5", "train.epochs": "2", "train.batch_size": "128", "eval.every_epochs": "1",
         "eval.start_frac": "0"}
+
+
+# ---- CIFAR pickle batches and ImageFolder trees, written in their real formats
+
+CIFAR_JPEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def write_pickle(path: Path, obj) -> Path:
+    import pickle
+
+    path.write_bytes(pickle.dumps(obj, protocol=2))  # the official files are protocol-2 pickles
+    return path
+
+
+def cifar_batch(n: int, *, seed: int, classes: int = 10, label_key: bytes = b"labels") -> dict:
+    """One batch in the official dict layout: rows of 1024 red, 1024 green, 1024 blue values."""
+    rng = np.random.default_rng(seed)
+    return {b"batch_label": f"batch {seed}".encode(), label_key: [int(v) for v in rng.integers(0, classes, n)],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [f"img_{seed}_{i}.png".encode() for i in range(n)]}
+
+
+def write_cifar10(directory: Path, *, per_batch: int = 20, test: int = 30) -> Path:
+    """A ``cifar-10-batches-py`` folder: data_batch_1..5, test_batch, batches.meta (and the readme)."""
+    folder = directory / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        write_pickle(folder / f"data_batch_{i}", cifar_batch(per_batch, seed=i))
+    write_pickle(folder / "test_batch", cifar_batch(test, seed=0))
+    write_pickle(folder / "batches.meta", {b"label_names": [c.encode() for c in CIFAR10_NAMES],
+                                           b"num_cases_per_batch": per_batch, b"num_vis": 3072})
+    (folder / "readme.html").write_text("<html></html>")
+    return folder
+
+
+def write_cifar100(directory: Path, *, train: int = 60, test: int = 20) -> Path:
+    """A ``cifar-100-python`` folder: train, test, meta, with fine and coarse labels."""
+    folder = directory / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, n, seed in (("train", train, 1), ("test", test, 2)):
+        batch = cifar_batch(n, seed=seed, classes=100, label_key=b"fine_labels")
+        batch[b"coarse_labels"] = [v // 5 for v in batch[b"fine_labels"]]
+        write_pickle(folder / name, batch)
+    write_pickle(folder / "meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                                   b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+    return folder
+
+
+def make_tar(source: Path, archive: Path, arcname: str | None = None) -> Path:
+    import tarfile
+
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tf:
+        tf.add(source, arcname=arcname if arcname is not None else source.name)
+    return archive
+
+
+def write_image(path: Path, array: np.ndarray, mode: str | None = None, **save) -> Path:
+    """Save ``array`` (H, W) or (H, W, C) uint8 with Pillow; the format follows the suffix."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8), mode).save(path, **save)
+    return path
+
+
+def write_tree(root: Path, spec: dict[str, dict[str, int]], *, size: int = 16, seed: int = 0) -> Path:
+    """An ImageFolder tree: ``{"train": {"cat": 3, ...}, "test": {...}}`` PNG images of random pixels."""
+    rng = np.random.default_rng(seed)
+    for split, classes in spec.items():
+        for name, n in classes.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                write_image(root / split / name / f"{i:03d}.png", rng.integers(0, 256, (size, size, 3)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg_slice(tmp_path_factory) -> Path:
+    """The first 20 images per class and split of the real CIFAR-10 JPEG archive (400 files)."""
+    import tarfile
+
+    if not CIFAR_JPEG.is_file():
+        pytest.skip(f"the real CIFAR-10 JPEG archive is absent ({CIFAR_JPEG}; only the project's shared data has it)")
+    root = tmp_path_factory.mktemp("cifar10-jpeg-slice")
+    taken: dict[tuple[str, str], int] = {}
+    with tarfile.open(CIFAR_JPEG, "r|gz") as tf:  # streamed: one pass, no seeking (test/ comes last)
+        for member in tf:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) != 3:
+                continue
+            key = parts[:2]
+            if taken.get(key, 0) < 20:
+                taken[key] = taken.get(key, 0) + 1
+                tf.extract(member, root, filter="data")
+            if len(taken) == 20 and all(v == 20 for v in taken.values()):
+                break
+    return root

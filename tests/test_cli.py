@@ -39,7 +39,7 @@ def test_train_reaches_a_modest_target_and_is_stored(capsys, synthetic_dir):
 
 def test_real_fashion_mnist_slice(capsys, fashion_slice):
     code, r = run_json(capsys, "--data", str(fashion_slice), "--target", "0.65", "--set", "train.epochs=2", "--set", "optim.lr=0.5",
-                       "--set", "eval.start_frac=0", "--set", "model.widths=16,32")
+                       "--set", "eval.start_frac=0", "--set", "model.widths=16,32", "--set", "model.pools=0,1")
     assert code == 0 and r["reached"], r["detail"]
 
 
@@ -132,7 +132,7 @@ def test_python_api_returns_the_model(synthetic_dir):
     result = speedrun.train(data=synthetic_dir, target=0.6, store=None, overrides=TINY, seed=1)
     assert result.reached and result.model is not None
     assert result.time_to_accuracy_s == result.curve[-1].elapsed_s
-    result2 = speedrun.train(data=synthetic_dir, target=0.6, store=None, seed=1, model__widths=(8, 16), optim__lr=0.5,
+    result2 = speedrun.train(data=synthetic_dir, target=0.6, store=None, seed=1, model__widths=(8, 16), model__pools=(0, 1), optim__lr=0.5,
                              train__epochs=2, train__batch_size=128, eval__every_epochs=1, eval__start_frac=0)
     assert result2.recipe == result.recipe
 

@@ -6,7 +6,7 @@ from speedrun.recipes import RECIPES, get_recipe
 
 def test_overrides_are_parsed_by_field_type():
     r = Recipe().override({"train.batch_size": "512", "optim.lr": "0.5", "train.channels_last": "false",
-                           "model.widths": "16, 32,64", "optim.name": "adamw", "target": 0.9})
+                           "model.widths": "16, 32,64", "model.pools": "", "optim.name": "adamw", "target": 0.9})
     assert r.train.batch_size == 512 and r.optim.lr == 0.5 and r.train.channels_last is False
     assert r.model.widths == (16, 32, 64) and r.optim.name == "adamw" and r.target == 0.9
 

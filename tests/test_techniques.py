@@ -45,3 +45,43 @@ def test_label_smoothing_matches_the_reference_formula():
     assert smoothed_cross_entropy(logits, targets, 0.2) == pytest.approx(float(reference), rel=1e-5)
     assert smoothed_cross_entropy(logits, targets, 0.0) == pytest.approx(
         float(torch.nn.functional.cross_entropy(logits, targets)))
+
+
+def test_lookahead_step_matches_the_formula():
+    from speedrun.techniques.averaging import lookahead_alpha, lookahead_step
+
+    slow, fast = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 6.0])]
+    lookahead_step(slow, fast, alpha=0.75)
+    assert torch.allclose(slow[0], torch.tensor([1.5, 3.0])) and torch.equal(fast[0], slow[0])
+    assert lookahead_alpha(0.0, decay=0.95, every=5) == 0.0
+    assert lookahead_alpha(1.0, decay=0.95, every=5) == pytest.approx(0.95**5)
+    assert lookahead_alpha(0.5, decay=0.95, every=5) == pytest.approx(0.95**5 / 8)
+
+
+def test_lookahead_hook_syncs_every_k_steps_and_at_the_end():
+    from speedrun.config import AverageConfig
+    from speedrun.techniques.averaging import Lookahead
+
+    model = torch.nn.Linear(2, 1)
+
+    class State:
+        step, max_steps, progress = 0, 7, 1.0
+
+    State.model = model
+    hook = Lookahead(AverageConfig(kind="lookahead", every=3, decay=0.9))
+    hook.before_fit(State)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    State.step = 2
+    hook.after_step(State)  # not a multiple of 3: untouched
+    assert torch.allclose(model.weight, start + 1)
+    State.step = 3
+    hook.after_step(State)
+    alpha = 0.9**3
+    assert torch.allclose(model.weight, start + (1 - alpha)) and torch.allclose(hook.slow[0], model.weight)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    State.step = 7  # the last step syncs even off the cadence
+    hook.after_step(State)
+    assert torch.allclose(model.weight, start + (1 - alpha) + (1 - alpha))

@@ -11,13 +11,14 @@ def fashion_mnist() -> Recipe:
         description="conv net, one-cycle Nesterov SGD, label smoothing, flips; channels_last fp32",
         target=0.92,
         data=DataConfig(source="fashion-mnist", flip=True, translate_px=0),
-        model=ModelConfig(name="convnet", widths=(32, 64, 128), activation="gelu"),
-        optim=OptimConfig(name="sgd", lr=2.0, lr_batch_size=1024, momentum=0.9, nesterov=True,
+        model=ModelConfig(name="convnet", widths=(32, 64, 64, 128, 128), pools=(0, 1, 3), activation="gelu",
+                          logit_scale=0.125),
+        optim=OptimConfig(name="sgd", lr=0.2, lr_batch_size=256, momentum=0.9, nesterov=True,
                           weight_decay=5e-4),
-        schedule=ScheduleConfig(kind="one-cycle", warmup_frac=0.25, start_factor=0.1, end_factor=0.0),
-        train=TrainConfig(epochs=4, batch_size=256, label_smoothing=0.1, channels_last=True,
+        schedule=ScheduleConfig(kind="one-cycle", warmup_frac=0.2, start_factor=0.0, end_factor=0.0),
+        train=TrainConfig(epochs=2.25, batch_size=256, label_smoothing=0.1, channels_last=True,
                           precision="auto"),
-        eval=EvalConfig(every_epochs=0.5, start_frac=0.5, tta_flip=False),
+        eval=EvalConfig(every_epochs=0.25, start_frac=1.0, tta_flip=True),
     )
 
 

@@ -75,6 +75,14 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         lambda r: not r.optim.bn_weight_decay and r.optim.weight_decay > 0,
         lambda r: _set(r, "optim", bn_weight_decay=True)),
     Technique(
+        "lookahead",
+        "every k steps pulls the weights toward a slow average, more strongly as training ends",
+        "Zhang et al. 2019 (Lookahead); airbench's scheduled variant",
+        "noisy final phase of short schedules; airbench found it needs fast BN momentum",
+        "one lerp and copy of the weights every k steps", "average.kind, average.every, average.decay",
+        lambda r: r.average.kind == "lookahead",
+        lambda r: _set(r, "average", kind="none")),
+    Technique(
         "flip-tta",
         "at evaluation, averages the logits of each image and its mirror",
         "Myrtle.ai (26 s CIFAR-10); airbench",

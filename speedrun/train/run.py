@@ -20,6 +20,7 @@ from speedrun.measure.clock import Clock
 from speedrun.measure.flops import matmul_peak, train_flops_per_image
 from speedrun.models import build_model
 from speedrun.store import RunStore, StoreError, new_run_id
+from speedrun.techniques.averaging import Lookahead
 from speedrun.techniques.label_smoothing import smoothed_cross_entropy
 from speedrun.techniques.schedules import LRSchedule
 from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget
@@ -264,6 +265,9 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
                           tta_flip=ev.tta_flip)
     hooks: list[object] = [LRSchedule(recipe.schedule), DivergenceGuard(1 if dev.type == "cpu" else 25),
                            evaluator]
+    if recipe.average.kind == "lookahead":
+        # Listed after the evaluator: after_* events run in reverse, so evaluations see averaged weights.
+        hooks.append(Lookahead(recipe.average))
     if budget.seconds is not None:
         hooks.append(TimeBudget(budget.seconds, clock))
     if progress:
