@@ -13,6 +13,7 @@ from rich.table import Table
 
 from speedrun.config import ConfigError
 from speedrun.data import DataError
+from speedrun.data import cli as data_cli
 from speedrun.store import OUTCOMES, RunStore, StoreError
 
 EXIT_NOT_REACHED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -310,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--json", action="store_true")
     store_option(sh)
     sh.set_defaults(func=cmd_show)
+
+    data_cli.add_parser(sub)
     return parser
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from speedrun import paths
-from speedrun.data.sources import DataError, ImageSet, _image_set
+from speedrun.data.download import brief
+from speedrun.data.sources import DataError, ImageSet, image_set
 
 
 @dataclass(frozen=True)
@@ -125,31 +126,35 @@ class CifarSource:
             h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
 
-    def _blobs(self) -> dict[str, bytes]:
+    def _where(self, name: str) -> str:
+        return f"{self.path}/{name}" if self.path.is_dir() else f"{self.path}:{name}"
+
+    def _pickles(self) -> dict[str, dict[str, Any]]:
+        """Every file of the layout, unpickled as soon as it is read (so raw bytes never pile up)."""
         wanted = set(_files(self.layout))
-        blobs: dict[str, bytes] = {}
+        found: dict[str, dict[str, Any]] = {}
         if self.path.is_dir():
             for name in wanted:
                 try:
-                    blobs[name] = (self.path / name).read_bytes()
+                    found[name] = _unpickle((self.path / name).read_bytes(), self._where(name))
                 except OSError as e:
                     raise DataError(f"{self.layout.title}: cannot read {self.path / name} ({e.strerror})") from None
-            return blobs
+            return found
         try:
             with tarfile.open(self.path, "r:*") as tf:
                 for member in tf:  # in archive order: a .gz is read once, front to back
                     p = Path(member.name)
                     if member.isfile() and p.parent.name == self.layout.folder and p.name in wanted:
-                        blobs[p.name] = tf.extractfile(member).read()  # type: ignore[union-attr]
+                        blob = tf.extractfile(member).read()  # type: ignore[union-attr]
+                        found[p.name] = _unpickle(blob, self._where(p.name))
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"{self.path}: cannot read the archive ({e})") from None
-        missing = sorted(wanted - blobs.keys())
+            raise DataError(f"{self.path}: cannot read the archive ({brief(e)})") from None
+        missing = sorted(wanted - found.keys())
         if missing:
             raise DataError(f"{self.path}: archive lacks {', '.join(f'{self.layout.folder}/{m}' for m in missing)}")
-        return blobs
+        return found
 
-    def _batch(self, blob: bytes, where: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-        batch = _unpickle(blob, where)
+    def _batch(self, batch: dict[str, Any], where: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
         if "data" not in batch or self.layout.label_key not in batch:
             raise DataError(f"{where}: not a CIFAR batch (keys {sorted(batch)}; expected 'data' and "
                             f"'{self.layout.label_key}')")
@@ -164,17 +169,18 @@ class CifarSource:
         return data.reshape(-1, 3, 32, 32), labels
 
     def read(self) -> ImageSet:
-        blobs = self._blobs()
-        where = {name: f"{self.path}/{name}" if self.path.is_dir() else f"{self.path}:{name}" for name in blobs}
-        meta = _unpickle(blobs[self.layout.meta], where[self.layout.meta])
+        found = self._pickles()
+        meta = found.pop(self.layout.meta)
         if self.layout.names_key not in meta:
-            raise DataError(f"{where[self.layout.meta]}: no '{self.layout.names_key}' (is it the "
+            raise DataError(f"{self._where(self.layout.meta)}: no '{self.layout.names_key}' (is it the "
                             f"{self.layout.title} meta file?)")
         classes = tuple(_text(n) for n in meta[self.layout.names_key])
-        train = [self._batch(blobs[b], where[b], len(classes)) for b in self.layout.train]
-        test_x, test_y = self._batch(blobs[self.layout.test], where[self.layout.test], len(classes))
-        return _image_set(self.name, np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
-                          test_x, test_y, classes)
+        train = [self._batch(found.pop(b), self._where(b), len(classes)) for b in self.layout.train]
+        test_x, test_y = self._batch(found.pop(self.layout.test), self._where(self.layout.test), len(classes))
+        train_x = np.concatenate([x for x, _ in train])
+        train_y = np.concatenate([y for _, y in train])
+        del train
+        return image_set(self.name, train_x, train_y, test_x, test_y, classes)
 
 
 def search_paths(layout: CifarLayout) -> tuple[Path, ...]:
@@ -184,7 +190,7 @@ def search_paths(layout: CifarLayout) -> tuple[Path, ...]:
 
 def builtin(variant: str, *, download: bool = True) -> CifarSource:
     """Find CIFAR-10/100 under ``$SPEEDRUN_HOME/datasets``, else download the official archive."""
-    from speedrun.data.download import download as fetch_checked
+    from speedrun.data.download import download as fetch_checked  # the module, looked up at call time
 
     layout = LAYOUTS[variant]
     folder, archive = search_paths(layout)

@@ -5,6 +5,7 @@ loading a prepared cache is part of every run and sits inside the time-to-accura
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -12,9 +13,10 @@ import shutil
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,6 +40,7 @@ class ImageSet:
     classes: tuple[str, ...]
     mean: tuple[float, ...]  # per channel, in [0, 1] pixel units, over the training split
     std: tuple[float, ...]
+    details: dict[str, Any] = field(default_factory=dict, compare=False)  # how it was read; kept in meta.json
 
     @property
     def channels(self) -> int:
@@ -57,10 +60,46 @@ class ImageSet:
 
 
 class Source(Protocol):
+    """Raw files of a dataset. ``fingerprint`` must be cheap (it runs before every training run).
+
+    A source may also define ``read_into(directory) -> ImageSet``: it then writes the four
+    ``.npy`` arrays into the cache folder being prepared itself, a chunk at a time, and
+    ``prepare`` calls it instead of ``read`` (see ``ImageFolderSource``).
+    """
+
     name: str
 
     def fingerprint(self) -> str: ...
     def read(self) -> ImageSet: ...
+
+
+class ChannelMoments:
+    """Exact per-channel pixel sums, fed a chunk of images at a time.
+
+    Integer sums need no float copy of the dataset (a float64 copy is 8x its size), and give
+    the same mean and std however the images are chunked.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.pixels = 0  # per channel
+        self.sum = np.zeros(channels, np.int64)
+        self.sum_sq = np.zeros(channels, np.int64)  # overflows past 1.4e14 pixels per channel
+
+    def add(self, images: np.ndarray) -> None:
+        if images.size == 0:
+            return
+        step = max(1, (1 << 22) // (images[0].size or 1))  # temporaries of a few MB
+        for i in range(0, len(images), step):
+            x = images[i:i + step]
+            self.sum += x.sum(axis=(0, 2, 3), dtype=np.int64)
+            self.sum_sq += np.square(x, dtype=np.uint16).sum(axis=(0, 2, 3), dtype=np.int64)
+        self.pixels += images.shape[0] * images.shape[2] * images.shape[3]
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        n = max(self.pixels, 1)
+        mean = self.sum / n
+        var = np.maximum(self.sum_sq / n - mean ** 2, 0.0)
+        return tuple(float(m) / 255 for m in mean), tuple(float(s) / 255 for s in np.sqrt(var))
 
 
 # ---------------------------------------------------------------- IDX (MNIST family)
@@ -130,16 +169,17 @@ class IdxSource:
                                 f"{labels.shape} do not match")
         n_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
         classes = self.classes or tuple(str(i) for i in range(n_classes))
-        return _image_set(self.name, arrays["train_images"][:, None], arrays["train_labels"],
-                          arrays["test_images"][:, None], arrays["test_labels"], classes)
+        return image_set(self.name, arrays["train_images"][:, None], arrays["train_labels"],
+                         arrays["test_images"][:, None], arrays["test_labels"], classes)
 
 
-def _image_set(name, train_x, train_y, test_x, test_y, classes) -> ImageSet:
+def image_set(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+              classes: tuple[str, ...]) -> ImageSet:
+    """An ImageSet of in-memory arrays, with its training-split statistics."""
     train_x = np.ascontiguousarray(train_x, dtype=np.uint8)
-    # Statistics in float64 over channels; done once at preparation time.
-    per_channel = train_x.transpose(1, 0, 2, 3).reshape(train_x.shape[1], -1)
-    mean = tuple(float(m) / 255 for m in per_channel.mean(axis=1, dtype=np.float64))
-    std = tuple(float(s) / 255 for s in per_channel.std(axis=1, dtype=np.float64))
+    moments = ChannelMoments(train_x.shape[1])  # once, at preparation time
+    moments.add(train_x)
+    mean, std = moments.mean_std()
     return ImageSet(name, train_x, np.asarray(train_y, dtype=np.int64),
                     np.ascontiguousarray(test_x, dtype=np.uint8), np.asarray(test_y, dtype=np.int64),
                     tuple(classes), mean, std)
@@ -182,24 +222,74 @@ def fashion_mnist(*, download: bool = True) -> IdxSource:
     return IdxSource(local, "fashion-mnist", FASHION_MNIST_CLASSES)
 
 
-BUILTIN = {"fashion-mnist": fashion_mnist}
+def cifar10(*, download: bool = True) -> Source:
+    from speedrun.data.cifar import builtin
+
+    return builtin("cifar10", download=download)
 
 
-def resolve(source: str | Path) -> Source:
-    """A built-in dataset name or a path, as a Source; raises DataError with a fix."""
+def cifar100(*, download: bool = True) -> Source:
+    from speedrun.data.cifar import builtin
+
+    return builtin("cifar100", download=download)
+
+
+BUILTIN = {"fashion-mnist": fashion_mnist, "cifar10": cifar10, "cifar100": cifar100}
+
+
+def resolve(source: str | Path, *, download: bool = True, max_size: int | None = None,
+            holdout_frac: float | None = None, strict: bool = False, workers: int | None = None) -> Source:
+    """A built-in dataset name or a path, as a Source; raises DataError with a fix.
+
+    Paths may be a folder of MNIST-style IDX files, CIFAR-10/100 pickle batches (folder or
+    official archive) or an ImageFolder tree (folder or tar archive). ``max_size``,
+    ``holdout_frac``, ``strict`` and ``workers`` are options of ImageFolder trees.
+
+    >>> resolve("cifar10", download=False).name  # doctest: +SKIP
+    'cifar10'
+    """
+    from speedrun.data import cifar, imagefolder
+    from speedrun.data.download import is_archive, peek_members
+
+    folder_options = {k: v for k, v in (("max_size", max_size), ("holdout_frac", holdout_frac)) if v is not None}
+
+    def no_tree_options(found: Source) -> Source:
+        if folder_options:
+            flags = ", ".join("--" + k.replace("_", "-") for k in folder_options)
+            what = "CIFAR pickle batches" if isinstance(found, cifar.CifarSource) else "IDX files"
+            raise DataError(f"{flags} only apply to image-folder datasets; {source} holds {what}")
+        return found
+
     if isinstance(source, str) and source in BUILTIN:
-        return BUILTIN[source]()
+        return no_tree_options(BUILTIN[source](download=download))
     path = Path(source).expanduser()
     if not path.exists():
         names = ", ".join(BUILTIN)
         raise DataError(f"dataset not found: {path} (not a path, nor a built-in name: {names})")
     if not os.access(path, os.R_OK):
         raise DataError(f"dataset not readable: {path} (check its permissions)")
-    if is_idx_dir(path):
-        return IdxSource(path, path.name or "idx")
+    tree_source = functools.partial(imagefolder.ImageFolderSource, path, imagefolder.imagefolder_name(path),
+                                    strict=strict, workers=workers, **folder_options)
+    if path.is_dir():
+        if is_idx_dir(path):
+            return no_tree_options(IdxSource(path, path.name or "idx"))
+        found = cifar.find_cifar_dir(path)
+        if found:
+            return no_tree_options(cifar.CifarSource(found[1], found[0]))
+        if imagefolder.find_tree_root(path):
+            return tree_source()
+    elif is_archive(path):
+        members = peek_members(path)
+        layout = cifar.archive_layout(members)
+        if layout:
+            return no_tree_options(cifar.CifarSource(path, layout))
+        if imagefolder.looks_like_tree(members):
+            return tree_source()
     raise DataError(f"{path}: unrecognised dataset layout; expected a folder holding the four "
                     "MNIST-style IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-                    "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz])")
+                    "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]), CIFAR pickle batches "
+                    "(cifar-10-batches-py/, cifar-100-python/ or their .tar.gz), or an image folder tree "
+                    "(train/<class>/<images> with val/ or test/ beside it, or a .tar.gz of one)")
 
 
 # ---------------------------------------------------------------- the uint8 cache
@@ -216,29 +306,54 @@ class Prepared:
     built: bool
 
 
+META_VERSION = 2  # 1: no source, counts, created, details
+
+
+def cache_path(source: Source, fingerprint: str | None = None) -> Path:
+    """Where ``source`` is (or would be) prepared."""
+    return paths.cache_dir() / f"{source.name.replace('/', '_')}-{fingerprint or source.fingerprint()}"
+
+
+def source_location(source: Source) -> str:
+    """The file or folder a source reads, for people (meta.json, ``speedrun data info``)."""
+    where = getattr(source, "path", None) or getattr(source, "directory", None)
+    return str(Path(where).resolve()) if where is not None else source.name
+
+
 def prepare(source: Source) -> Prepared:
     """Decode ``source`` into ``$SPEEDRUN_HOME/cache`` unless a cache of the same fingerprint exists.
 
     Atomic: the arrays are written into a temporary folder that is renamed into place, so an
     interrupted preparation leaves no half cache behind.
     """
-    target = paths.cache_dir() / f"{source.name.replace('/', '_')}-{source.fingerprint()}"
+    fingerprint = source.fingerprint()
+    target = cache_path(source, fingerprint)
     if (target / "meta.json").is_file():
         return Prepared(target, 0.0, False)
     start = time.perf_counter()
-    data = source.read()
+    read_into = getattr(source, "read_into", None)
+    data = None if read_into else source.read()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=target.parent))
     except OSError as e:
         raise DataError(f"cannot write the dataset cache under {target.parent}: {e}") from None
     try:
-        for key in _ARRAYS:
-            np.save(tmp / f"{key}.npy", getattr(data, key))
+        if data is None:
+            data = read_into(tmp)  # writes the arrays itself, incrementally
+        else:
+            for key in _ARRAYS:
+                np.save(tmp / f"{key}.npy", getattr(data, key))
+        k = data.num_classes
         meta = {"name": data.name, "classes": list(data.classes), "mean": data.mean, "std": data.std,
                 "train": len(data.train_labels), "test": len(data.test_labels),
-                "shape": list(data.train_images.shape[1:]), "fingerprint": source.fingerprint(),
-                "prepare_s": time.perf_counter() - start}
+                "shape": list(data.train_images.shape[1:]), "fingerprint": fingerprint,
+                "prepare_s": time.perf_counter() - start,
+                "version": META_VERSION, "source": source_location(source), "source_type": type(source).__name__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "counts": {"train": np.bincount(data.train_labels, minlength=k).tolist(),
+                           "test": np.bincount(data.test_labels, minlength=k).tolist()},
+                "details": data.details}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             tmp.rename(target)
@@ -248,6 +363,14 @@ def prepare(source: Source) -> Prepared:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(target, time.perf_counter() - start, True)
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """A cache's meta.json (older caches lack the fields added since version 1)."""
+    try:
+        return json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"dataset cache {directory} is unreadable ({e}); delete it to prepare again") from None
 
 
 def load_prepared(directory: Path) -> ImageSet:

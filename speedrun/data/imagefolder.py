@@ -1,0 +1,520 @@
+"""ImageFolder trees of JPEG/PNG files, decoded once with Pillow in parallel into the uint8 cache.
+
+Layout (as ImageNet's)::
+
+    root/train/<class>/<image>      classes are the sorted folder names of train/
+    root/val/<class>/<image>        or root/test/...; without either, a held-out fraction of train/
+
+or a ``.tar.gz`` of such a tree, extracted once under ``$SPEEDRUN_HOME/cache/extracted/``.
+
+Every image is decoded to the one cache size: when all images share a size no larger than
+``max_size`` they are kept as they are; otherwise the shorter side is resized (JPEGs first
+shrunk by libjpeg's draft mode) and the centre cropped square. Arrays are written front to
+back through short-lived memory maps, so preparing a large tree never holds it twice in RAM.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import math
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+from collections import Counter
+from dataclasses import KW_ONLY, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from speedrun import paths
+from speedrun.data.download import archive_stem, extract_once, is_archive
+from speedrun.data.sources import ChannelMoments, DataError, ImageSet
+
+DEFAULT_MAX_SIZE = 64  # pixels; 1.28M ImageNet images at 64x64 are 16 GB, small enough to sit on one GPU
+DEFAULT_HOLDOUT_FRAC = 0.1
+HELD_OUT_DIRS = ("val", "test")  # the first that exists is the test split
+DECODER_VERSION = 1  # part of the fingerprint: bump when decoding changes so old caches are not reused
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_NAMED_FAILURES = 3  # bad files named in the warning
+
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _say(message: str) -> None:
+    err.print(message, markup=False)  # paths may hold [brackets]
+
+
+# ---------------------------------------------------------------- the tree
+
+def find_tree_root(path: Path) -> Path | None:
+    """``path`` when it holds ``train/``, or its only sub-folder when that does (archives often wrap a tree)."""
+    if (path / "train").is_dir():
+        return path
+    try:
+        subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    except OSError:
+        return None
+    if len(subdirs) == 1 and (subdirs[0] / "train").is_dir():
+        return subdirs[0]
+    return None
+
+
+def looks_like_tree(member_names: Iterable[str]) -> bool:
+    """Whether archive members look like ``[wrapper/]train|val|test/<class>/<file>``."""
+    return any(part in ("train", *HELD_OUT_DIRS) for name in member_names
+               for part in PurePosixPath(name).parts[:-2])
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The files of a tree, in a fixed order: sorted by class, then by path."""
+
+    root: Path
+    classes: tuple[str, ...]
+    train: tuple[tuple[str, int], ...]  # (path, label)
+    test: tuple[tuple[str, int], ...]
+    test_from: str  # "val/", "test/" or "10% of train/"
+
+
+def _class_files(split_dir: Path) -> dict[str, list[str]]:
+    """Files under each class folder of ``split_dir`` (sub-folders included, hidden names skipped)."""
+    try:
+        entries = sorted((e for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")),
+                         key=lambda e: e.name)
+    except OSError as e:
+        raise DataError(f"cannot list {split_dir}: {e.strerror}") from None
+    found = {}
+    for entry in entries:
+        files: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(entry.path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+        found[entry.name] = files
+    return found
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def holdout_split(files: list[str], frac: float) -> tuple[list[str], list[str]]:
+    """Split one class's files into (train, held out), deterministically.
+
+    The files whose names hash lowest are held out: ``round(frac * n)`` of them, at least one
+    when the class has two or more, never all. The choice depends only on the names, not on the
+    listing order or on other classes.
+    """
+    n = len(files)
+    k = 0 if n < 2 else min(n - 1, max(1, round(frac * n)))
+    held = set(sorted(files, key=lambda f: hashlib.md5(os.path.basename(f).encode()).digest())[:k])
+    return [f for f in files if f not in held], [f for f in files if f in held]
+
+
+def scan(root: Path, *, holdout_frac: float = DEFAULT_HOLDOUT_FRAC) -> Listing:
+    """List a tree and check it: classes, empty class folders, test classes unknown to train."""
+    train_dir = root / "train"
+    train = _class_files(train_dir)
+    if not train:
+        raise DataError(f"{train_dir}: no class folders (expected train/<class>/<image files>)")
+    classes = tuple(train)
+    held_dir = next((root / d for d in HELD_OUT_DIRS if (root / d).is_dir()), None)
+    test = _class_files(held_dir) if held_dir else {}
+    for split_dir, found in ((train_dir, train), (held_dir, test)):
+        empty = [c for c, files in found.items() if not files]
+        if empty:
+            raise DataError(f"{split_dir}: empty class folder{'s' if len(empty) > 1 else ''} "
+                            f"{', '.join(empty)} (every class folder needs at least one image)")
+    unknown = [c for c in test if c not in train]
+    if unknown:
+        raise DataError(f"{held_dir}: class folder{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                        f"not in {train_dir} (test classes must be training classes)")
+    label = {c: i for i, c in enumerate(classes)}
+    if held_dir is not None:
+        test_from = f"{held_dir.name}/"
+    else:
+        test_from = f"{holdout_frac:.0%} of train/"
+        for c in classes:
+            train[c], test[c] = holdout_split(train[c], holdout_frac)
+        if not any(test.values()):
+            raise DataError(f"{root}: no val/ or test/ folder, and too few images per class to hold out "
+                            f"{holdout_frac:.0%} for testing")
+    return Listing(root, classes, tuple((f, label[c]) for c in classes for f in train[c]),
+                   tuple((f, label[c]) for c in test for f in test[c]), test_from)
+
+
+# ---------------------------------------------------------------- decoding one image
+
+def cache_layout(sizes: Counter[tuple[int, int]], all_gray: bool, max_size: int) -> tuple[int, int, int]:
+    """(channels, height, width) of the cache, from the (width, height) sizes of all images.
+
+    One size with both sides <= ``max_size``: kept. Otherwise square: ``max_size`` when all images
+    share a size too large, else the most common shorter side, capped at ``max_size``.
+    One channel only when every image is greyscale.
+
+    >>> cache_layout(Counter({(32, 32): 10}), False, 64), cache_layout(Counter({(500, 375): 3}), False, 64)
+    ((3, 32, 32), (3, 64, 64))
+    """
+    channels = 1 if all_gray else 3
+    if len(sizes) == 1:
+        (w, h), = sizes
+        if max(w, h) <= max_size:
+            return channels, h, w
+        return channels, max_size, max_size
+    shorter: Counter[int] = Counter()
+    for (w, h), n in sizes.items():
+        shorter[min(w, h)] += n
+    side = min(max_size, max(shorter, key=lambda s: (shorter[s], s)) if shorter else max_size)
+    return channels, side, side
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    if img.mode == mode:
+        return img
+    if img.mode.startswith("I;16"):  # 16-bit grey: keep the high byte
+        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # Pillow's advice for palettes with transparency
+    return img.convert(mode)
+
+
+def _fit(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale so the image covers width x height, keeping its aspect, and take the centre."""
+    w, h = img.size
+    scale = max(width / w, height / h)
+    box_w, box_h = width / scale, height / scale
+    left, top = (w - box_w) / 2, (h - box_h) / 2
+    return img.resize((width, height), Image.Resampling.BICUBIC, box=(left, top, left + box_w, top + box_h))
+
+
+def decode_image(path: str, layout: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """One file as a uint8 (C, H, W) array of ``layout``, with its own (width, height) and greyness."""
+    channels, height, width = layout
+    with Image.open(path) as img:
+        size, gray = img.size, img.mode in _GRAY_MODES
+        if size != (width, height) and img.format == "JPEG":
+            scale = max(width / size[0], height / size[1])  # libjpeg decodes at 1/2, 1/4, 1/8 for free
+            img.draft(img.mode, (math.ceil(size[0] * scale), math.ceil(size[1] * scale)))
+        img = _to_mode(img, "L" if channels == 1 else "RGB")
+        if img.size != (width, height):
+            img = _fit(img, width, height)
+        array = np.asarray(img)
+    return (array[None] if channels == 1 else array.transpose(2, 0, 1)), size, gray
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, FileNotFoundError):
+        return "missing or a broken link"
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return "truncated" if "truncated" in text else text[:80]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Decoded images of one chunk of a split; ``kept`` indexes the chunk's files that decoded."""
+
+    split: int
+    start: int
+    images: np.ndarray
+    kept: list[int]
+    failed: list[tuple[str, str]]
+    sizes: Counter[tuple[int, int]]
+    all_gray: bool
+
+
+def _decode_chunk(task: tuple[int, int, list[str], tuple[int, int, int]]) -> Chunk:
+    split, start, files, layout = task
+    images = np.empty((len(files), *layout), np.uint8)
+    kept, failed, sizes, all_gray = [], [], Counter(), True
+    for i, path in enumerate(files):
+        try:
+            images[len(kept)], size, gray = decode_image(path, layout)
+        except Exception as e:  # Pillow raises many types for bad files; each one is skipped and named
+            failed.append((path, _reason(e)))
+            continue
+        kept.append(i)
+        sizes[size] += 1
+        all_gray &= gray
+    return Chunk(split, start, images[:len(kept)], kept, failed, sizes, all_gray)
+
+
+def probe(files: list[str], *, samples: int = 64) -> tuple[Counter[tuple[int, int]], bool]:
+    """Sizes and greyness of a spread of files, from their headers only (cheap)."""
+    sizes, all_gray = Counter(), True
+    for path in files[:: max(1, len(files) // samples)][:samples]:
+        try:
+            with Image.open(path) as img:
+                sizes[img.size] += 1
+                all_gray &= img.mode in _GRAY_MODES
+        except Exception:  # a bad file is found and reported by the decode pass
+            continue
+    return sizes, all_gray
+
+
+# ---------------------------------------------------------------- decoding a tree into .npy files
+
+class NpyAppender:
+    """Fills a uint8 .npy file front to back through short-lived memory maps, so RSS stays flat."""
+
+    REMAP_BYTES = 64 << 20  # mapped pages count as resident until unmapped: bounds RSS growth
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+        self.path, self.shape, self.count = path, shape, 0
+        self._map: np.ndarray | None = None
+        self._mapped = 0
+
+    def append(self, images: np.ndarray) -> None:
+        if self._map is None:
+            self._map = np.load(self.path, mmap_mode="r+")
+        self._map[self.count:self.count + len(images)] = images
+        self.count += len(images)
+        self._mapped += images.nbytes
+        if self._mapped >= self.REMAP_BYTES:
+            self._release()
+
+    def _release(self) -> None:
+        if self._map is not None:
+            self._map.flush()
+        self._map, self._mapped = None, 0
+
+    def finish(self) -> np.ndarray:
+        """The filled array (read-only map); shortened by copying when files were skipped."""
+        self._release()
+        if self.count < self.shape[0]:
+            short = self.path.with_name(self.path.stem + ".short.npy")
+            src = np.load(self.path, mmap_mode="r")
+            dst = np.lib.format.open_memmap(short, mode="w+", dtype=np.uint8, shape=(self.count, *self.shape[1:]))
+            step = max(1, self.REMAP_BYTES // max(1, int(np.prod(self.shape[1:]))))
+            for i in range(0, self.count, step):
+                stop = min(i + step, self.count)
+                dst[i:stop] = src[i:stop]
+            dst.flush()
+            del src, dst
+            short.replace(self.path)
+        return np.load(self.path, mmap_mode="r")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    images: tuple[np.ndarray, np.ndarray]  # train, test (read-only maps of the written files)
+    labels: tuple[np.ndarray, np.ndarray]
+    failed: list[tuple[str, str]]
+    sizes: Counter[tuple[int, int]]
+    all_gray: bool
+    moments: ChannelMoments
+    seconds: float
+    processes: int  # decode processes actually used
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _chunks(listing: Listing, layout: tuple[int, int, int], chunk: int) -> list:
+    return [(s, i, [f for f, _ in files[i:i + chunk]], layout)
+            for s, files in enumerate((listing.train, listing.test)) for i in range(0, len(files), chunk)]
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it terminates the pool
+
+
+def _results(tasks: list, processes: int) -> Iterator[Chunk]:
+    if processes <= 1:
+        yield from map(_decode_chunk, tasks)
+        return
+    # fork: workers start in milliseconds and inherit the imported modules; they only run Pillow.
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with ctx.Pool(processes, initializer=_ignore_sigint) as pool:  # leaving the block terminates the workers
+        yield from pool.imap(_decode_chunk, tasks)  # in order, so the cache order is deterministic
+
+
+def decode_tree(listing: Listing, layout: tuple[int, int, int], directory: Path, *, workers: int,
+                chunk: int | None = None, progress: bool = False) -> Decoded:
+    """Decode every file of ``listing`` into ``directory/{train,test}_{images,labels}.npy``."""
+    splits = (listing.train, listing.test)
+    total = sum(map(len, splits))
+    if chunk is None:  # enough chunks to balance the workers, few enough to keep transfers cheap
+        chunk = max(8, min(256, math.ceil(total / (4 * workers))))
+    outs = [NpyAppender(directory / f"{name}_images.npy", (len(files), *layout))
+            for name, files in zip(("train", "test"), splits)]
+    labels: list[list[int]] = [[], []]
+    failed: list[tuple[str, str]] = []
+    sizes: Counter[tuple[int, int]] = Counter()
+    all_gray = True
+    moments = ChannelMoments(layout[0])
+    start = time.perf_counter()
+    tasks = _chunks(listing, layout, chunk)
+    processes = min(workers, len(tasks))
+    bar = Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                   TimeRemainingColumn(), console=err, transient=True, disable=not (progress and err.is_terminal))
+    results = _results(tasks, processes)
+    try:
+        first = next(results, None)  # the pool forks before the progress bar starts its thread
+        with bar:
+            task = bar.add_task("decode", total=total)
+            for c in itertools.chain([] if first is None else [first], results):
+                outs[c.split].append(c.images)
+                labels[c.split] += [splits[c.split][c.start + i][1] for i in c.kept]
+                if c.split == 0:
+                    moments.add(c.images)
+                failed += c.failed
+                sizes += c.sizes
+                all_gray &= c.all_gray
+                bar.advance(task, len(c.kept) + len(c.failed))
+    finally:
+        results.close()  # stops the pool at once when decoding was interrupted
+    seconds = time.perf_counter() - start
+    arrays = tuple(out.finish() for out in outs)
+    label_arrays = tuple(np.asarray(y, dtype=np.int64) for y in labels)
+    for name, y in zip(("train", "test"), label_arrays):
+        np.save(directory / f"{name}_labels.npy", y)
+    return Decoded(arrays, label_arrays, failed, sizes, all_gray, moments, seconds,  # type: ignore[arg-type]
+                   max(1, processes))
+
+
+# ---------------------------------------------------------------- the source
+
+def _fmt_size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+@dataclass(frozen=True)
+class ImageFolderSource:
+    """An ImageFolder tree of JPEG/PNG files (or a tar archive of one), as a Source.
+
+    >>> source = ImageFolderSource(Path("~/data/imagenette").expanduser(), max_size=64)  # doctest: +SKIP
+    >>> speedrun.data.prepare(source)  # doctest: +SKIP
+    """
+
+    path: Path  # the tree's root, or a .tar[.gz] of it
+    name: str = "imagefolder"
+    _: KW_ONLY
+    max_size: int = DEFAULT_MAX_SIZE
+    holdout_frac: float = DEFAULT_HOLDOUT_FRAC
+    strict: bool = False  # a file that cannot be decoded is an error rather than skipped
+    workers: int | None = None  # decode processes; default: every core this process may use
+    chunk: int | None = None  # files per task handed to a worker; default: balanced
+    progress: bool = True  # a progress bar, when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        if self.max_size < 1:
+            raise DataError(f"max_size must be >= 1 pixel; got {self.max_size}")
+        if not 0 < self.holdout_frac < 1:
+            raise DataError(f"holdout_frac must be between 0 and 1; got {self.holdout_frac}")
+
+    @property
+    def is_archive(self) -> bool:
+        return is_archive(self.path)
+
+    def _archive_key(self) -> str:
+        st = self.path.stat()
+        return hashlib.sha256(f"{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+    def extracted_dir(self) -> Path:
+        return paths.cache_dir() / "extracted" / f"{archive_stem(self.path)}-{self._archive_key()}"
+
+    def root(self) -> Path:
+        """The tree's root folder, extracting the archive first (once) when the source is one."""
+        base = extract_once(self.path, self.extracted_dir()) if self.is_archive else self.path
+        root = find_tree_root(base)
+        if root is None:
+            raise DataError(f"{self.path}: no train/<class>/ folders{' in the archive' if self.is_archive else ''}")
+        return root
+
+    def fingerprint(self) -> str:
+        """Hash of file names, sizes and modification times (or the archive's), and the options."""
+        h = hashlib.sha256(f"imagefolder v{DECODER_VERSION} max_size={self.max_size} "
+                           f"holdout_frac={self.holdout_frac}\n".encode())
+        if self.is_archive:
+            h.update(self._archive_key().encode())
+        else:
+            listing = scan(self.root(), holdout_frac=self.holdout_frac)
+            h.update(f"{listing.root.resolve()}\n".encode())
+            for split, files in (("train", listing.train), ("test", listing.test)):
+                for path, label in files:
+                    try:
+                        st = os.stat(path)
+                        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+                    except OSError:
+                        stamp = "unreadable"
+                    h.update(f"{split}:{label}:{os.path.relpath(path, listing.root)}:{stamp}\n".encode())
+        return h.hexdigest()[:16]
+
+    def read(self) -> ImageSet:
+        with tempfile.TemporaryDirectory(prefix="speedrun-decode-") as tmp:
+            data = self.read_into(Path(tmp))
+            return dataclasses.replace(data, train_images=np.array(data.train_images),
+                                       test_images=np.array(data.test_images))
+
+    def read_into(self, directory: Path) -> ImageSet:
+        """Decode into ``directory/*.npy`` (the cache being prepared) and return the set, memory-mapped."""
+        listing = scan(self.root(), holdout_frac=self.holdout_frac)
+        workers = self.workers or default_workers()
+        layout = cache_layout(*probe([f for f, _ in listing.train + listing.test]), self.max_size)
+        decoded = decode_tree(listing, layout, directory, workers=workers, chunk=self.chunk,
+                              progress=self.progress)
+        self._check_failures(listing, decoded.failed)
+        actual = cache_layout(decoded.sizes, decoded.all_gray, self.max_size)
+        if actual != layout:  # the header sample missed a size or a colour image: decode again, rarely
+            _say(f"the sampled headers missed some image sizes or colours; decoding again as "
+                 f"{'x'.join(map(str, actual))}")
+            decoded = decode_tree(listing, actual, directory, workers=workers, chunk=self.chunk,
+                                  progress=self.progress)
+            layout = actual
+        n = sum(map(len, decoded.labels))
+        _say(f"decoded {_plural(n, 'image')} in {decoded.seconds:.1f} s: {n / max(decoded.seconds, 1e-9):,.0f} "
+             f"images/s with {decoded.processes} process{'es' if decoded.processes > 1 else ''}")
+        if len(decoded.sizes) > 1:
+            common = ", ".join(f"{_fmt_size(s)} ({k:,})" for s, k in decoded.sizes.most_common(3))
+            more = ", ..." if len(decoded.sizes) > 3 else ""
+            _say(f"warning: images come in {len(decoded.sizes)} sizes ({common}{more}); "
+                 f"all resized to {layout[2]}x{layout[1]} (shorter side, then centre crop)")
+        self._check_classes(listing, decoded)
+        mean, std = decoded.moments.mean_std()
+        resized = sum(k for s, k in decoded.sizes.items() if s != (layout[2], layout[1]))
+        details = {"skipped": len(decoded.failed),
+                   "skipped_files": [os.path.relpath(p, listing.root) for p, _ in decoded.failed[:20]],
+                   "resized": resized, "test_from": listing.test_from, "decode_s": decoded.seconds,
+                   "decode_images_per_s": n / max(decoded.seconds, 1e-9), "processes": decoded.processes,
+                   "options": {"max_size": self.max_size, "holdout_frac": self.holdout_frac}}
+        return ImageSet(self.name, decoded.images[0], decoded.labels[0], decoded.images[1], decoded.labels[1],
+                        listing.classes, mean, std, details)
+
+    def _check_failures(self, listing: Listing, failed: list[tuple[str, str]]) -> None:
+        if not failed:
+            return
+        named = ", ".join(f"{os.path.relpath(p, listing.root)} ({why})" for p, why in failed[:_NAMED_FAILURES])
+        more = ", ..." if len(failed) > _NAMED_FAILURES else ""
+        total = len(listing.train) + len(listing.test)
+        if self.strict:
+            raise DataError(f"{listing.root}: {len(failed):,} of {_plural(total, 'file')} cannot be decoded: "
+                            f"{named}{more} (remove them, or prepare without --strict to skip them)")
+        _say(f"warning: skipped {len(failed):,} of {_plural(total, 'file')} that cannot be decoded: {named}{more}")
+
+    def _check_classes(self, listing: Listing, decoded: Decoded) -> None:
+        counts = np.bincount(decoded.labels[0], minlength=len(listing.classes))
+        lost = [c for c, k in zip(listing.classes, counts) if k == 0]
+        if lost:
+            raise DataError(f"{listing.root / 'train'}: no decodable image in class folder"
+                            f"{'s' if len(lost) > 1 else ''} {', '.join(lost)}")
+        if len(decoded.labels[1]) == 0:
+            raise DataError(f"{listing.root}: no decodable test image (from {listing.test_from})")
+
+
+def imagefolder_name(path: Path) -> str:
+    return archive_stem(path) if is_archive(path) else (path.resolve().name or "imagefolder")
