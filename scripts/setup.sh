@@ -35,10 +35,13 @@ if ! "$VENV/bin/python" -c "import speedrun, pytest" 2>/dev/null \
   touch "$VENV/.speedrun-installed"
 fi
 
-FMNIST=/usr/share/datasets/fashion-mnist
-if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/null 2>&1; then
-  echo "setup: installing Debian's dataset-fashion-mnist"
+# Debian packages: the Fashion-MNIST files, and Chromium for the report's headless-browser test.
+APT=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || APT+=(dataset-fashion-mnist)
+command -v chromium >/dev/null 2>&1 || APT+=(chromium)
+if [ ${#APT[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing Debian packages: ${APT[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
-    || echo "setup: could not install dataset-fashion-mnist; speedrun will try to download Fashion-MNIST"
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT[@]}" >/dev/null; } \
+    || echo "setup: could not install ${APT[*]}; Fashion-MNIST will be downloaded, the browser test skipped"
 fi

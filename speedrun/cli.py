@@ -313,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     sh.set_defaults(func=cmd_show)
 
     data_cli.add_parser(sub)
+    from speedrun import ablate, compare, report
+
+    ablate.add_parser(sub)
+    compare.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 

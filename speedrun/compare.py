@@ -1,0 +1,272 @@
+"""``speedrun compare``: group stored runs by environment and recipe, and split differences into
+hardware and software parts.
+
+**Groups.** Runs are grouped by the keys of ``--by`` (default ``device,precision,recipe``; see
+:data:`KEYS`). ``recipe`` is the recipe's name plus a short hash of its resolved values (the data
+source by its last path component, so the same dataset at another path still matches): runs of
+the same name with other overrides are other recipes. Per group: the median time-to-accuracy over
+its runs, unreached runs counting as slower than any (see ``speedrun.attribution``), and the
+pass-rate. Only finished runs count (reached, budget exhausted, diverged).
+
+**The split.** Every group ``g`` is compared with the fastest group ``r``: ``total = t(g) / t(r)``.
+Its key has a hardware part (``device``, ``cpu``, ``threads``: :data:`HARDWARE_KEYS`) and a software
+part (every other key). When only one part differs, the whole ratio is that part. When both
+differ, the cross groups are needed: ``X`` = g's software on r's hardware, ``Y`` = r's software on
+g's hardware. Then
+
+- via X: hardware = t(g)/t(X), software = t(X)/t(r);
+- via Y: hardware = t(Y)/t(r), software = t(g)/t(Y);
+- with both, the geometric mean of the two paths (the Shapley value of a two-factor product, as
+  in a Fisher index): hardware = sqrt(t(g) t(Y) / (t(X) t(r))), software = total / hardware.
+
+Assumptions: time-to-accuracy is a product of a hardware factor and a software factor (a device
+speeds every recipe up by the same factor); the runs of a group are exchangeable repeats (seeds) on
+an otherwise quiet machine; all groups train to the same target on the same dataset (both are part
+of the recipe hash). ``path_disagreement`` = (hardware via X) / (hardware via Y) tests the first
+assumption where both cross groups exist: 1 when it holds; far from 1 means the hardware gain
+depends on the software (e.g. channels_last pays on one CPU only), and the split is an average.
+With neither cross group, no split is made: run the same recipe on both machines first.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from speedrun.attribution import RESAMPLES, Ratio, Sample, ratio_of_products
+from speedrun.config import ConfigError
+from speedrun.store import RunStore
+
+FINISHED = ("reached", "budget_exhausted", "diverged")
+HARDWARE_KEYS = frozenset({"device", "cpu", "threads"})
+
+
+def recipe_key(run: Mapping[str, Any]) -> str:
+    """``name@hash`` of the resolved recipe, the data source reduced to its last path component."""
+    recipe = {k: v for k, v in (run.get("recipe") or {}).items() if k not in ("name", "description")}
+    if "source" in (recipe.get("data") or {}):
+        recipe["data"] = {**recipe["data"], "source": Path(str(recipe["data"]["source"])).name}
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:6]
+    return f"{run['recipe_name']}@{digest}"
+
+
+def _env(key: str, default: str = "?") -> Callable[[Mapping[str, Any]], str]:
+    return lambda run: str((run.get("env") or {}).get(key, default))
+
+
+KEYS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "device": lambda run: str((run.get("env") or {}).get("device_name") or run.get("device") or "?"),
+    "cpu": _env("cpu_model"),
+    "threads": _env("threads"),
+    "precision": lambda run: str((run.get("env") or {}).get("precision")
+                                 or (run.get("recipe") or {}).get("train", {}).get("precision", "?")),
+    "recipe": recipe_key,
+    "recipe_name": lambda run: str(run["recipe_name"]),
+    "target": lambda run: f"{run['target']:.4g}" if run.get("target") is not None else "?",
+    "torch": _env("torch_version"),
+    "code": _env("code_version"),
+}
+
+
+def parse_keys(text: str | Sequence[str]) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in (text.split(",") if isinstance(text, str) else text) if k.strip())
+    unknown = [k for k in keys if k not in KEYS]
+    if unknown or not keys:
+        raise ConfigError(f"unknown --by key {unknown[0] if unknown else ''!r}; valid keys: {', '.join(KEYS)}")
+    return keys
+
+
+def run_sample(runs: Sequence[Mapping[str, Any]]) -> Sample:
+    """A Sample of stored runs: time-to-accuracy if reached, how long each ran, best accuracy."""
+    return Sample.of([r["time_to_accuracy_s"] if r["outcome"] == "reached" else None for r in runs],
+                     ran_s=[(r.get("summary") or {}).get("total_time_s") or r["time_to_accuracy_s"] or 0.0
+                            for r in runs],
+                     best_accuracy=[r["best_accuracy"] or 0.0 for r in runs])
+
+
+@dataclass(frozen=True)
+class Group:
+    key: tuple[str, ...]
+    run_ids: tuple[str, ...]
+    sample: Sample
+
+    @property
+    def median_s(self) -> float | None:
+        return self.sample.median_s
+
+    def label(self, by: Sequence[str]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in zip(by, self.key))
+
+    def to_dict(self, by: Sequence[str]) -> dict[str, Any]:
+        s = self.sample
+        reached = [t for t in s.times if t is not None]
+        return {"key": dict(zip(by, self.key)), "label": self.label(by), "runs": list(self.run_ids),
+                "median_time_to_accuracy_s": s.median_s, "min_time_to_accuracy_s": min(reached, default=None),
+                "max_time_to_accuracy_s": max(reached, default=None), "pass_rate": s.pass_rate,
+                "best_accuracy": s.median_best_accuracy}
+
+
+@dataclass(frozen=True)
+class Split:
+    group: tuple[str, ...]
+    reference: tuple[str, ...]
+    total: Ratio  # t(group) / t(reference): how many times slower
+    hardware: Ratio | None
+    software: Ratio | None
+    path_disagreement: Ratio | None
+    note: str
+
+    def to_dict(self, by: Sequence[str]) -> dict[str, Any]:
+        d = lambda r: None if r is None else r.to_dict()
+        return {"group": dict(zip(by, self.group)), "reference": dict(zip(by, self.reference)),
+                "total": d(self.total), "hardware": d(self.hardware), "software": d(self.software),
+                "path_disagreement": d(self.path_disagreement), "note": self.note}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    by: tuple[str, ...]
+    groups: tuple[Group, ...]  # fastest first; groups without a median last
+    splits: tuple[Split, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"by": list(self.by), "groups": [g.to_dict(self.by) for g in self.groups],
+                "splits": [s.to_dict(self.by) for s in self.splits]}
+
+
+def group_runs(runs: Sequence[Mapping[str, Any]], by: Sequence[str]) -> list[Group]:
+    """Finished runs grouped by ``by``, fastest median first (unreached medians last)."""
+    buckets: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+    for run in runs:
+        if run["outcome"] in FINISHED:
+            buckets.setdefault(tuple(KEYS[k](run) for k in by), []).append(run)
+    groups = [Group(key, tuple(r["id"] for r in rs), run_sample(rs)) for key, rs in buckets.items()]
+    return sorted(groups, key=lambda g: (g.median_s is None, g.median_s or 0.0, -g.sample.pass_rate, g.key))
+
+
+def split_difference(groups: Sequence[Group], group: Group, reference: Group, *, by: Sequence[str],
+                     resamples: int = RESAMPLES, seed: int = 0) -> Split:
+    """Split ``t(group) / t(reference)`` into hardware and software factors (see the module docstring)."""
+    hw = [i for i, k in enumerate(by) if k in HARDWARE_KEYS]
+    sw = [i for i, k in enumerate(by) if k not in HARDWARE_KEYS]
+    part = lambda g, idx: tuple(g.key[i] for i in idx)
+    samples = {"g": group.sample, "r": reference.sample}
+    kw = dict(resamples=resamples, seed=seed)
+    total = ratio_of_products(samples, ["g"], ["r"], **kw)
+    same_hw, same_sw = part(group, hw) == part(reference, hw), part(group, sw) == part(reference, sw)
+    one = Ratio(1.0, 1.0, 1.0)
+    if same_hw:
+        return Split(group.key, reference.key, total, one, total, None, "same hardware: all software")
+    if same_sw:
+        return Split(group.key, reference.key, total, total, one, None, "same software: all hardware")
+
+    def find(hw_of: Group, sw_of: Group) -> Group | None:
+        for g in groups:
+            if part(g, hw) == part(hw_of, hw) and part(g, sw) == part(sw_of, sw):
+                return g
+        return None
+
+    x, y = find(reference, group), find(group, reference)  # g's software on r's hardware; r's on g's
+    if x is not None:
+        samples["x"] = x.sample
+    if y is not None:
+        samples["y"] = y.sample
+    if x is not None and y is not None:
+        hardware = ratio_of_products(samples, ["g", "y"], ["x", "r"], **kw).sqrt()
+        software = ratio_of_products(samples, ["g", "x"], ["y", "r"], **kw).sqrt()
+        disagreement = ratio_of_products(samples, ["g", "r"], ["x", "y"], **kw)
+        return Split(group.key, reference.key, total, hardware, software, disagreement,
+                     "both recipes on both hardware: geometric mean of the two paths")
+    if x is not None:
+        return Split(group.key, reference.key, total, ratio_of_products(samples, ["g"], ["x"], **kw),
+                     ratio_of_products(samples, ["x"], ["r"], **kw), None,
+                     "via this group's recipe on the reference hardware")
+    if y is not None:
+        return Split(group.key, reference.key, total, ratio_of_products(samples, ["y"], ["r"], **kw),
+                     ratio_of_products(samples, ["g"], ["y"], **kw), None,
+                     "via the reference recipe on this group's hardware")
+    return Split(group.key, reference.key, total, None, None, None,
+                 "no split: neither recipe was run on the other hardware")
+
+
+def compare(runs: Sequence[Mapping[str, Any]], *, by: Sequence[str] = ("device", "precision", "recipe"),
+            resamples: int = RESAMPLES, seed: int = 0) -> Comparison:
+    """Group ``runs`` (stored-run dicts) and split each group's difference from the fastest."""
+    by = parse_keys(by)
+    groups = group_runs(runs, by)
+    splits = []
+    if groups and groups[0].median_s is not None:
+        reference = groups[0]
+        splits = [split_difference(groups, g, reference, by=by, resamples=resamples, seed=seed)
+                  for g in groups[1:]]
+    return Comparison(tuple(by), tuple(groups), tuple(splits))
+
+
+# ---------------------------------------------------------------- the command
+
+def _fmt_s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f} s"
+
+
+def print_comparison(c: Comparison, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"runs grouped by {', '.join(c.by)}")
+    for col in (*c.by, "runs", "pass-rate", "median time-to-accuracy", "min", "max"):
+        t.add_column(col)
+    for g in c.groups:
+        d = g.to_dict(c.by)
+        median = _fmt_s(g.median_s) if g.median_s is not None else \
+            f"not reached (best {g.sample.median_best_accuracy or 0:.1%})"
+        t.add_row(*g.key, str(len(g.run_ids)), f"{g.sample.pass_rate:.0%}", median,
+                  _fmt_s(d["min_time_to_accuracy_s"]), _fmt_s(d["max_time_to_accuracy_s"]))
+    console.print(t)
+    if not c.splits:
+        console.print("[dim]nothing to split: fewer than two groups, or no group reached its target[/]")
+        return
+    s = Table(title=f"slower than the fastest group ({', '.join(c.groups[0].key)}), split into hardware x software")
+    for col in ("group", "total", "hardware", "software", "paths agree?", "how"):
+        s.add_column(col)
+    for sp in c.splits:
+        agree = "-" if sp.path_disagreement is None else str(sp.path_disagreement)
+        s.add_row(", ".join(sp.group), str(sp.total), str(sp.hardware or "-"), str(sp.software or "-"), agree,
+                  sp.note)
+    console.print(s)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from speedrun.paths import default_store
+
+    by = parse_keys(args.by)
+    store = RunStore(args.store or default_store())
+    if args.runs:
+        runs = [store.get_run(r) for r in args.runs]
+    else:
+        runs = store.list_runs(recipe=args.recipe, group=args.group, limit=None)
+    if not runs:
+        raise ConfigError(f"no runs to compare in {store.path}")
+    result = compare(runs, by=by)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print_comparison(result, Console(soft_wrap=True))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("compare", help="group stored runs by device/precision/recipe and split their "
+                                              "differences into hardware and software parts")
+    p.add_argument("runs", nargs="*", metavar="RUN_ID", help="runs to compare (default: every stored run)")
+    p.add_argument("--by", default="device,precision,recipe",
+                   help=f"grouping keys, comma-separated (default device,precision,recipe; valid: {', '.join(KEYS)})")
+    p.add_argument("--recipe", help="only runs of this recipe name")
+    p.add_argument("--group", help="only runs of this group (a multi-seed train or an ablation)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--store", help="run store (SQLite file); default $SPEEDRUN_STORE or $SPEEDRUN_HOME/runs.sqlite")
+    p.set_defaults(func=cmd_compare)
+    return p
