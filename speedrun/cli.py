@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from speedrun.argtypes import positive_int
 from speedrun.config import ConfigError
 from speedrun.data import DataError
 from speedrun.data import cli as data_cli
@@ -48,16 +49,6 @@ def _target(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"target must be in (0, 1] (or a percentage); got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
     return value
 
 
@@ -279,9 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target", type=_target, help="held-out accuracy to reach, in (0, 1] or as 92%%")
     t.add_argument("--budget", help="give up after this long: seconds (90, 90s, 2m) or epochs (3ep)")
     t.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    t.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds to run (default 1)")
+    t.add_argument("--seeds", type=positive_int, default=1, help="number of seeds to run (default 1)")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    t.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    t.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set train.epochs=3 (repeatable)")
     t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -301,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--recipe")
     ls.add_argument("--outcome", choices=OUTCOMES)
     ls.add_argument("--group", help="runs of one multi-seed group")
-    ls.add_argument("--limit", type=_positive_int, default=50)
+    ls.add_argument("--limit", type=positive_int, default=50)
     ls.add_argument("--json", action="store_true")
     store_option(ls)
     ls.set_defaults(func=cmd_runs)

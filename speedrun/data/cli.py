@@ -13,20 +13,11 @@ from typing import Any, Sequence
 
 from rich.console import Console
 
+from speedrun.argtypes import positive_int
 from speedrun.data.sources import DataError, cache_path, prepare, read_meta, resolve
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -139,7 +130,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     def dataset_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("path", metavar="PATH", help="a built-in name (fashion-mnist, cifar10, cifar100), or a "
                                                     "folder or archive of IDX files, CIFAR batches or an image tree")
-        p.add_argument("--max-size", type=_positive_int,
+        p.add_argument("--max-size", type=positive_int,
                        help="image trees: larger images are resized so the shorter side is this, then "
                             "centre-cropped square (default 64)")
         p.add_argument("--holdout-frac", type=_fraction,
@@ -151,7 +142,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     dataset_arguments(p)
     p.add_argument("--strict", action="store_true", help="fail on a file that cannot be decoded, instead of "
                                                          "skipping it with a warning")
-    p.add_argument("--workers", type=_positive_int, help="decode processes (default: every core)")
+    p.add_argument("--workers", type=positive_int, help="decode processes (default: every core)")
     p.set_defaults(func=cmd_prepare)
 
     i = actions.add_parser("info", help="show what a dataset's cache holds (PATH may also be the cache folder)")
