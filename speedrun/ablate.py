@@ -561,7 +561,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from speedrun.cli import _positive_int, _target
+    from speedrun.argtypes import positive_int, target_fraction
 
     p = subparsers.add_parser("ablate", help="measure what each technique of a recipe buys (time-to-accuracy "
                                              "with and without it, over seeds)")
@@ -571,16 +571,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--techniques", help="comma-separated techniques to ablate (default: all the recipe enables)")
     p.add_argument("--pairs", action="store_true", help="also run the full recipe without each pair, to flag "
                                                         "effects that do not multiply")
-    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per variant (default 3; 5+ for "
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds per variant (default 3; 5+ for "
                                                                    "tight intervals)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    p.add_argument("--target", type=_target, help="held-out accuracy to reach, in (0, 1] or as 92%%")
+    p.add_argument("--target", type=target_fraction, help="held-out accuracy to reach, in (0, 1] or as 92%%")
     p.add_argument("--budget", help="give up on a run after this long: seconds (90, 2m) or epochs (3ep)")
     p.add_argument("--retune-epochs", action="store_true",
                    help="per variant, use the shortest train.epochs that reaches the target on the first seed")
     p.add_argument("--data", help="dataset: a built-in name or a path (default: the recipe's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     p.add_argument("--resume", metavar="ID", help="continue a stored ablation (the other plan options are "
                                                   "taken from it)")

@@ -12,3 +12,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
     return value
+
+
+def target_fraction(text: str) -> float:
+    """An accuracy target in (0, 1], also accepted as a percentage (``92%``)."""
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"target must be in (0, 1] (or a percentage); got {text}")
+    return value

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from speedrun.argtypes import positive_int
+from speedrun.argtypes import positive_int, target_fraction
 from speedrun.config import ConfigError
 from speedrun.data import DataError
 from speedrun.data import cli as data_cli
@@ -40,16 +40,6 @@ def _parse_sets(items: Sequence[str]) -> dict[str, str]:
 
 def _fmt_s(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f} s"
-
-
-def _target(text: str) -> float:
-    try:
-        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"target must be in (0, 1] (or a percentage); got {text}")
-    return value
 
 
 # ---------------------------------------------------------------- train
@@ -267,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", default="fashion-mnist", help="built-in recipe name or a .toml file "
                                                               "(default: fashion-mnist)")
     t.add_argument("--data", help="dataset: a built-in name or a path (default: the recipe's)")
-    t.add_argument("--target", type=_target, help="held-out accuracy to reach, in (0, 1] or as 92%%")
+    t.add_argument("--target", type=target_fraction, help="held-out accuracy to reach, in (0, 1] or as 92%%")
     t.add_argument("--budget", help="give up after this long: seconds (90, 90s, 2m) or epochs (3ep)")
     t.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     t.add_argument("--seeds", type=positive_int, default=1, help="number of seeds to run (default 1)")

@@ -82,7 +82,7 @@ def fashion_slice(tmp_path_factory) -> Path:
 
 
 # A recipe small enough to train in seconds on a slice.
-TINY = {"model.widths": "8,16", "model.pools": "0,1", "optim.lr": "0.5", "train.epochs": "2", "train.batch_size": "128", "eval.every_epochs": "1",
+TINY = {"model.widths": "8,16", "model.pools": "0,1", "model.logit_scale": "1", "optim.lr": "0.5", "optim.lr_batch_size": "1024", "train.epochs": "2", "train.batch_size": "128", "eval.every_epochs": "1",
         "eval.start_frac": "0"}
 
 

@@ -132,8 +132,8 @@ def test_python_api_returns_the_model(synthetic_dir):
     result = speedrun.train(data=synthetic_dir, target=0.6, store=None, overrides=TINY, seed=1)
     assert result.reached and result.model is not None
     assert result.time_to_accuracy_s == result.curve[-1].elapsed_s
-    result2 = speedrun.train(data=synthetic_dir, target=0.6, store=None, seed=1, model__widths=(8, 16), model__pools=(0, 1), optim__lr=0.5,
-                             train__epochs=2, train__batch_size=128, eval__every_epochs=1, eval__start_frac=0)
+    keywords = {key.replace(".", "__"): value for key, value in TINY.items()}  # optim.lr -> optim__lr
+    result2 = speedrun.train(data=synthetic_dir, target=0.6, store=None, seed=1, **keywords)
     assert result2.recipe == result.recipe
 
 
