@@ -15,6 +15,8 @@ def fashion_mnist() -> Recipe:
         # but trains 1.7x slower per image on a 2-core CPU.
         model=ModelConfig(name="convnet", widths=(24, 48, 48, 96, 96), pools=(0, 1, 3), activation="gelu",
                           logit_scale=0.125),
+        # Peak LR swept at 2 epochs (seed 0): 0.1 -> 91.32%, 0.2 -> 91.61%, 0.4 -> 91.81%, 0.6 -> 92.02%,
+        # 0.8 -> 91.67%. 2.25 epochs leaves a margin over 92% that 2.0 does not reliably have.
         optim=OptimConfig(name="sgd", lr=0.6, lr_batch_size=256, momentum=0.9, nesterov=True,
                           weight_decay=5e-4),
         schedule=ScheduleConfig(kind="one-cycle", warmup_frac=0.2, start_factor=0.0, end_factor=0.0),
