@@ -116,6 +116,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             err.print(f"[bold red]speedrun: error:[/] {e}", highlight=False)
             continue
         results.append(r)
+        if r.store_error:
+            store_problem, store = r.store_error, None
+            err.print(f"[bold red]speedrun: error:[/] {r.store_error}; the result below is not recorded",
+                      highlight=False)
         if not args.json:
             _print_result(r)
         if r.outcome == "interrupted":

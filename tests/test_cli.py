@@ -148,3 +148,16 @@ def test_installed_command_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "speedrun", "train", "--recipe", "nope"], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "unknown recipe" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_store_failing_at_the_end_keeps_the_result(capsys, synthetic_dir, monkeypatch):
+    from speedrun.store import RunStore, StoreError
+
+    def broken_finish(self, *args, **kwargs):
+        raise StoreError("cannot write to the run store at X: disk I/O error")
+
+    monkeypatch.setattr(RunStore, "finish_run", broken_finish)
+    code = main(["train", "--data", str(synthetic_dir), "--target", "0.6", *SETS])
+    captured = capsys.readouterr()
+    assert code == 2 and "disk I/O error" in captured.err and "not recorded" in captured.err
+    assert "time-to-accuracy" in captured.out

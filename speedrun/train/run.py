@@ -84,13 +84,14 @@ class TrainResult:
     env: dict
     curve: list[EvalPoint]
     model: nn.Module | None = field(default=None, repr=False)
+    store_error: str | None = None  # set when the run could not be recorded
 
     @property
     def reached(self) -> bool:
         return self.outcome == "reached"
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k not in ("model", "recipe", "curve")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("model", "recipe", "curve", "store_error")}
         return {**d, "recipe": self.recipe.name, "reached": self.reached,
                 "curve": [asdict(p) for p in self.curve]}
 
@@ -216,9 +217,12 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
     result = _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, total, dev, precision,
                      env, error)
     if run_store:
-        run_store.finish_run(run_id, outcome=result.outcome, detail=result.detail,
-                             summary={k: v for k, v in result.to_dict().items() if k != "curve"},
-                             curve=[asdict(p) for p in result.curve])
+        try:
+            run_store.finish_run(run_id, outcome=result.outcome, detail=result.detail,
+                                 summary={k: v for k, v in result.to_dict().items() if k != "curve"},
+                                 curve=[asdict(p) for p in result.curve])
+        except StoreError as e:  # the training result must not be lost with the store
+            result.store_error = str(e)
     return result
 
 
