@@ -66,6 +66,23 @@ def time_to_accuracy(recipe_name: str, seeds: int, store: Path) -> tuple[list, s
     return results, "\n".join(lines)
 
 
+def bare_loop(model, opt, loss_fn, batches, schedule, steps: int, steps_per_epoch: int) -> float:
+    """Seconds for ``steps`` plain forward/backward/step iterations with the LR schedule set inline."""
+    model.train()
+    t0 = time.perf_counter()
+    for step, (x, y) in enumerate(batches):
+        if step == steps:
+            break
+        factor = lr_factor(schedule, progress=step / steps, epoch=step / steps_per_epoch)
+        for g in opt.param_groups:
+            g["lr"] = g["peak_lr"] * factor
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
 def overhead(recipe_name: str, steps: int, repeats: int) -> str:
     recipe = resolve_recipe(recipe_name)
     prepared = datalib.prepare(datalib.resolve(recipe.data.source))
@@ -87,20 +104,7 @@ def overhead(recipe_name: str, steps: int, repeats: int) -> str:
         return model, build_optimizer(model, recipe)
 
     def bare() -> float:
-        model, opt = fresh()
-        model.train()
-        t0 = time.perf_counter()
-        for step, (x, y) in enumerate(loader.epoch(0)):
-            if step == steps:
-                break
-            factor = lr_factor(recipe.schedule, progress=step / steps, epoch=step / len(loader))
-            for g in opt.param_groups:
-                g["lr"] = g["peak_lr"] * factor
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return time.perf_counter() - t0
+        return bare_loop(*fresh(), loss_fn, loader.epoch(0), recipe.schedule, steps, len(loader))
 
     def framework() -> float:
         model, opt = fresh()
@@ -149,17 +153,7 @@ def hook_cost_per_step(steps: int = 2000, repeats: int = 5) -> tuple[float, floa
         return model, opt
 
     def bare() -> float:
-        model, opt = fresh()
-        t0 = time.perf_counter()
-        for step, (x, y) in enumerate(batches):
-            factor = lr_factor(recipe.schedule, progress=step / steps, epoch=step / steps)
-            for g in opt.param_groups:
-                g["lr"] = g["peak_lr"] * factor
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return time.perf_counter() - t0
+        return bare_loop(*fresh(), loss_fn, batches, recipe.schedule, steps, steps)
 
     def framework() -> float:
         model, opt = fresh()
