@@ -56,11 +56,14 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    kind: Literal["one-cycle", "step", "constant"] = "one-cycle"
-    warmup_frac: float = 0.25  # one-cycle: fraction of training spent rising to the peak
-    start_factor: float = 0.1  # one-cycle: LR at step 0, as a fraction of the peak
-    end_factor: float = 0.0  # one-cycle: LR at the end, as a fraction of the peak
+    kind: Literal["one-cycle", "cosine", "step", "constant"] = "one-cycle"
+    warmup_frac: float = 0.25  # one-cycle, cosine: fraction of training spent rising to the peak
+    start_factor: float = 0.1  # one-cycle, cosine: LR at step 0, as a fraction of the peak
+    end_factor: float = 0.0  # one-cycle, cosine: LR at the end, as a fraction of the peak
     step_gamma: float = 0.7  # step: multiply the LR by this every epoch
+    # Momentum cycling (fast.ai's one-cycle): momentum falls from optim.momentum to this while the LR
+    # rises, and climbs back as it falls. 0 leaves the momentum constant.
+    momentum_low: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ def validate(recipe: Recipe) -> None:
          "eval.every_epochs or eval.every_s must be > 0"),
         (0.0 <= recipe.eval.start_frac <= 1.0, "eval.start_frac must be in [0, 1]"),
         (0.0 <= recipe.schedule.warmup_frac < 1.0, "schedule.warmup_frac must be in [0, 1)"),
+        (0.0 <= recipe.schedule.momentum_low <= recipe.optim.momentum or recipe.schedule.momentum_low == 0,
+         "schedule.momentum_low must be in [0, optim.momentum]"),
         (len(recipe.model.widths) > 0, "model.widths must not be empty"),
         (all(0 <= i < len(recipe.model.widths) for i in recipe.model.pools),
          "model.pools must index convs in model.widths"),

@@ -161,3 +161,9 @@ def test_store_failing_at_the_end_keeps_the_result(capsys, synthetic_dir, monkey
     captured = capsys.readouterr()
     assert code == 2 and "disk I/O error" in captured.err and "not recorded" in captured.err
     assert "time-to-accuracy" in captured.out
+
+
+def test_cosine_schedule_with_momentum_cycling_trains(synthetic_dir):
+    result = speedrun.train(data=synthetic_dir, target=0.6, store=None, overrides={
+        **TINY, "schedule.kind": "cosine", "schedule.warmup_frac": "0.1", "schedule.momentum_low": "0.8"})
+    assert result.reached, result.detail

@@ -85,3 +85,43 @@ def test_lookahead_hook_syncs_every_k_steps_and_at_the_end():
     State.step = 7  # the last step syncs even off the cadence
     hook.after_step(State)
     assert torch.allclose(model.weight, start + (1 - alpha) + (1 - alpha))
+
+
+def test_warmup_cosine_matches_the_formula():
+    from speedrun.techniques.schedules import warmup_cosine
+
+    kw = dict(warmup_frac=0.2, start_factor=0.0, end_factor=0.1)
+    assert warmup_cosine(0.1, **kw) == pytest.approx(0.5)
+    assert warmup_cosine(0.2, **kw) == pytest.approx(1.0)
+    t = (0.7 - 0.2) / 0.8
+    assert warmup_cosine(0.7, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    assert warmup_cosine(1.0, **kw) == pytest.approx(0.1)
+    assert lr_factor(ScheduleConfig(kind="cosine", warmup_frac=0.0, end_factor=0.0), progress=0.5,
+                     epoch=0) == pytest.approx(0.5)
+
+
+def test_momentum_cycles_against_the_lr_and_the_hook_sets_it():
+    from speedrun.techniques.schedules import cycled_momentum
+
+    kw = dict(warmup_frac=0.25, high=0.95, low=0.85)
+    assert cycled_momentum(0.0, **kw) == pytest.approx(0.95)
+    assert cycled_momentum(0.25, **kw) == pytest.approx(0.85)
+    assert cycled_momentum(0.625, **kw) == pytest.approx(0.90)
+    assert cycled_momentum(1.0, **kw) == pytest.approx(0.95)
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    sgd = torch.optim.SGD([{"params": [p], "peak_lr": 1.0}], lr=1.0, momentum=0.95)
+    adam = torch.optim.AdamW([{"params": [p], "peak_lr": 1.0}], lr=1.0)
+
+    class State:
+        progress, epoch_float = 0.25, 0.0
+
+    cfg = ScheduleConfig(kind="one-cycle", warmup_frac=0.25, momentum_low=0.85)
+    for opt in (sgd, adam):
+        State.optimizer = opt
+        LRSchedule(cfg, momentum=0.95).before_batch(State)
+    assert sgd.param_groups[0]["momentum"] == pytest.approx(0.85)
+    assert adam.param_groups[0]["betas"][0] == pytest.approx(0.85)
+    State.optimizer = sgd
+    LRSchedule(ScheduleConfig(kind="one-cycle"), momentum=0.95).before_batch(State)  # cycling off
+    assert sgd.param_groups[0]["momentum"] == pytest.approx(0.85)  # left as it was

@@ -35,6 +35,22 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         lambda r: r.schedule.kind == "one-cycle",
         lambda r: _set(r, "schedule", kind="step", step_gamma=0.7)),
     Technique(
+        "warmup-cosine",
+        "LR rises linearly for a warm-up fraction, then follows a half cosine down",
+        "Goyal et al. 2017 (warm-up); Loshchilov & Hutter 2017 (cosine); Composer's ResNet-50 recipes",
+        "large batches and long schedules",
+        "none", "schedule.kind=cosine, schedule.warmup_frac, schedule.start_factor, schedule.end_factor",
+        lambda r: r.schedule.kind == "cosine",
+        lambda r: _set(r, "schedule", kind="step", step_gamma=0.7)),
+    Technique(
+        "momentum-cycling",
+        "momentum falls while the LR warms up and climbs back as it anneals (e.g. 0.95 -> 0.85 -> 0.95)",
+        "Smith 2018; fast.ai's DAWNBench CIFAR-10 entry",
+        "one-cycle schedules with high peak LR",
+        "none", "schedule.momentum_low (optim.momentum is the high end)",
+        lambda r: r.schedule.momentum_low > 0,
+        lambda r: _set(r, "schedule", momentum_low=0.0)),
+    Technique(
         "label-smoothing",
         "trains against (1 - s) one-hot + s uniform targets",
         "Szegedy et al. 2016; Google's TPU DAWNBench entries; airbench (s=0.2)",

@@ -267,7 +267,8 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
                           every_s=ev.every_s, start_step=math.ceil(ev.start_frac * schedule_steps),
                           tta_flip=ev.tta_flip)
-    hooks: list[object] = [LRSchedule(recipe.schedule), DivergenceGuard(1 if dev.type == "cpu" else 25),
+    hooks: list[object] = [LRSchedule(recipe.schedule, momentum=recipe.optim.momentum),
+                           DivergenceGuard(1 if dev.type == "cpu" else 25),
                            evaluator]
     if recipe.average.kind == "lookahead":
         # Listed after the evaluator: after_* events run in reverse, so evaluations see averaged weights.
