@@ -28,7 +28,9 @@ class ConfigError(ValueError):
 class DataConfig:
     source: str = "fashion-mnist"  # a built-in dataset name or a path
     flip: bool = True  # random horizontal flip per image
+    alternating_flip: bool = False  # with flip: each image flipped in alternate epochs (airbench)
     translate_px: int = 0  # random shift of up to this many pixels (reflect padding)
+    cutout_px: int = 0  # zero a random square of this side per image (DeVries & Taylor 2017)
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,8 @@ def validate(recipe: Recipe) -> None:
         (len(recipe.model.widths) > 0, "model.widths must not be empty"),
         (all(0 <= i < len(recipe.model.widths) for i in recipe.model.pools),
          "model.pools must index convs in model.widths"),
-        (recipe.data.translate_px >= 0, "data.translate_px must be >= 0"),
+        (recipe.data.translate_px >= 0 and recipe.data.cutout_px >= 0,
+         "data.translate_px and data.cutout_px must be >= 0"),
         (recipe.average.every >= 1 and 0 <= recipe.average.decay < 1,
          "average.every must be >= 1 and average.decay in [0, 1)"),
     ]

@@ -167,3 +167,9 @@ def test_cosine_schedule_with_momentum_cycling_trains(synthetic_dir):
     result = speedrun.train(data=synthetic_dir, target=0.6, store=None, overrides={
         **TINY, "schedule.kind": "cosine", "schedule.warmup_frac": "0.1", "schedule.momentum_low": "0.8"})
     assert result.reached, result.detail
+
+
+def test_alternating_flip_and_cutout_train(synthetic_dir):
+    result = speedrun.train(data=synthetic_dir, target=0.6, store=None, overrides={
+        **TINY, "data.alternating_flip": "true", "data.cutout_px": "4"})
+    assert result.reached, result.detail

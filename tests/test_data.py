@@ -134,3 +134,37 @@ def test_eval_loader_keeps_order_and_the_last_partial_batch():
     assert [len(y) for _, y in batches] == [4, 4, 2]
     assert torch.equal(torch.cat([y for _, y in batches]), torch.arange(10))
     assert batches[0][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cutout_batch_matches_a_per_image_reference():
+    from speedrun.data.loader import cutout_batch
+
+    x = torch.randn(40, 2, 9, 7)
+    gen = torch.Generator().manual_seed(5)
+    out = cutout_batch(x, 4, gen)
+    replay = torch.Generator().manual_seed(5)
+    cy, cx = torch.randint(0, 9, (40,), generator=replay), torch.randint(0, 7, (40,), generator=replay)
+    for i in range(40):
+        expected = x[i].clone()
+        top, left = int(cy[i]) - 2, int(cx[i]) - 2
+        expected[:, max(top, 0):max(top + 4, 0), max(left, 0):max(left + 4, 0)] = 0.0
+        assert torch.equal(out[i], expected), i
+    assert cutout_batch(x, 0) is x
+
+
+def test_alternating_flip_shows_each_image_both_ways_every_two_epochs():
+    n = 64
+    images = torch.arange(n * 4, dtype=torch.uint8).view(n, 1, 1, 4)  # asymmetric rows: flips are visible
+    loader = ResidentLoader(images, torch.arange(n), batch_size=16, mean=(0.0,), std=(1 / 255,), train=True,
+                            seed=3, flip=True, alternating_flip=True)
+
+    def flipped(epoch):
+        state = {}
+        for x, y in loader.epoch(epoch):
+            for row, label in zip(x, y):
+                state[int(label)] = bool(row[0, 0, 0] > row[0, 0, -1])  # descending row = mirrored
+        return state
+
+    e0, e1, e2 = flipped(0), flipped(1), flipped(2)
+    assert all(e0[i] != e1[i] for i in range(n)) and e0 == e2
+    assert 10 < sum(e0.values()) < 54  # the first epoch's choice is random

@@ -18,6 +18,27 @@ def flip_batch(images: Tensor, generator: torch.Generator | None = None) -> Tens
     return torch.where(mask[:, None, None, None], images.flip(3), images)
 
 
+def alternating_flip_mask(base: Tensor, epoch: int) -> Tensor:
+    """airbench's alternating flip: ``base`` (one random bool per image, drawn once) decides epoch 0;
+    every later epoch flips exactly the images the previous one did not, so each image is seen both
+    ways every two epochs instead of by chance."""
+    return base ^ bool(epoch % 2)
+
+
+def cutout_batch(images: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
+    """Zero a ``size`` x ``size`` square at a random centre of each image (clipped at the borders)."""
+    if size == 0:
+        return images
+    n, _, h, w = images.shape
+    cy = torch.randint(0, h, (n,), device=images.device, generator=generator)[:, None, None]
+    cx = torch.randint(0, w, (n,), device=images.device, generator=generator)[:, None, None]
+    top, left = cy - size // 2, cx - size // 2
+    rows = torch.arange(h, device=images.device)[None, :, None]
+    cols = torch.arange(w, device=images.device)[None, None, :]
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return images.masked_fill(inside[:, None], 0.0)
+
+
 def translate_batch(images: Tensor, max_px: int, generator: torch.Generator | None = None) -> Tensor:
     """Shift each image by its own random (dy, dx) in [-max_px, max_px], filling by reflection.
 
@@ -44,11 +65,13 @@ class ResidentLoader:
 
     def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, mean: tuple[float, ...],
                  std: tuple[float, ...], train: bool, seed: int = 0, flip: bool = False,
-                 translate_px: int = 0, channels_last: bool = False, drop_last: bool | None = None,
+                 alternating_flip: bool = False, translate_px: int = 0, cutout_px: int = 0,
+                 channels_last: bool = False, drop_last: bool | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.flip, self.translate_px = flip and train, translate_px if train else 0
+        self.cutout_px = cutout_px if train else 0
         self.channels_last, self.dtype = channels_last, dtype
         self.drop_last = train if drop_last is None else drop_last
         device = images.device
@@ -56,6 +79,10 @@ class ResidentLoader:
         self._scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, -1, 1, 1)
         self._shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
         self._gen = torch.Generator(device=device)
+        self._flip_base = None
+        if self.flip and alternating_flip:
+            self._flip_base = torch.rand(len(labels), device=device,
+                                         generator=torch.Generator(device=device).manual_seed(seed)) < 0.5
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -79,14 +106,20 @@ class ResidentLoader:
             else:
                 idx = order[i * self.batch_size:(i + 1) * self.batch_size]
                 x, y = self.images[idx], self.labels[idx]
-            yield self.transform(x), y
+            flips = None if self._flip_base is None else alternating_flip_mask(self._flip_base[idx], epoch)
+            yield self.transform(x, flips), y
 
-    def transform(self, x: Tensor) -> Tensor:
+    def transform(self, x: Tensor, flips: Tensor | None = None) -> Tensor:
+        """Normalize and augment a uint8 batch; ``flips`` (a bool per image) replaces random flips."""
         x = torch.addcmul(self._shift, x.to(torch.float32), self._scale)
-        if self.flip:
+        if flips is not None:
+            x = torch.where(flips[:, None, None, None], x.flip(3), x)
+        elif self.flip:
             x = flip_batch(x, self._gen)
         if self.translate_px:
             x = translate_batch(x, self.translate_px, self._gen)
+        if self.cutout_px:
+            x = cutout_batch(x, self.cutout_px, self._gen)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.dtype) if self.dtype != torch.float32 else x

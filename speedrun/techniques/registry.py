@@ -67,6 +67,22 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         lambda r: r.data.flip,
         lambda r: _set(r, "data", flip=False)),
     Technique(
+        "alternating-flip",
+        "flips each image in alternate epochs (random only in the first), instead of by chance each time",
+        "airbench (Jordan 2024)",
+        "short schedules, where random flips leave some images seen one way only",
+        "none", "data.flip, data.alternating_flip",
+        lambda r: r.data.flip and r.data.alternating_flip,
+        lambda r: _set(r, "data", alternating_flip=False)),
+    Technique(
+        "cutout",
+        "zeroes a random square of each image",
+        "DeVries & Taylor 2017; Myrtle.ai's CIFAR-10 runs",
+        "longer schedules that overfit; usually hurts very short ones",
+        "a batched mask per step", "data.cutout_px",
+        lambda r: r.data.cutout_px > 0,
+        lambda r: _set(r, "data", cutout_px=0)),
+    Technique(
         "translate",
         "shifts each image by up to N pixels with reflect padding",
         "Myrtle.ai; airbench (2 px)",

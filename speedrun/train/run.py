@@ -234,7 +234,8 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     common = dict(mean=images.mean, std=images.std, channels_last=recipe.train.channels_last)
     train_loader = datalib.ResidentLoader(
         to_dev(images.train_images), to_dev(images.train_labels), batch_size=recipe.train.batch_size,
-        train=True, seed=seed, flip=recipe.data.flip, translate_px=recipe.data.translate_px, **common)
+        train=True, seed=seed, flip=recipe.data.flip, alternating_flip=recipe.data.alternating_flip,
+        translate_px=recipe.data.translate_px, cutout_px=recipe.data.cutout_px, **common)
     test_loader = datalib.ResidentLoader(
         to_dev(images.test_images), to_dev(images.test_labels), batch_size=recipe.eval.batch_size,
         train=False, **common)
