@@ -31,6 +31,10 @@ class DataConfig:
     alternating_flip: bool = False  # with flip: each image flipped in alternate epochs (airbench)
     translate_px: int = 0  # random shift of up to this many pixels (reflect padding)
     cutout_px: int = 0  # zero a random square of this side per image (DeVries & Taylor 2017)
+    # Progressive resizing (fast.ai, Composer): train at resize_start_scale x the native size, growing
+    # linearly to full size, which is reached for the last resize_full_frac of training. 1.0: off.
+    resize_start_scale: float = 1.0
+    resize_full_frac: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,8 @@ def validate(recipe: Recipe) -> None:
         (len(recipe.model.widths) > 0, "model.widths must not be empty"),
         (all(0 <= i < len(recipe.model.widths) for i in recipe.model.pools),
          "model.pools must index convs in model.widths"),
+        (0.0 < recipe.data.resize_start_scale <= 1.0 and 0.0 <= recipe.data.resize_full_frac <= 1.0,
+         "data.resize_start_scale must be in (0, 1] and data.resize_full_frac in [0, 1]"),
         (recipe.data.translate_px >= 0 and recipe.data.cutout_px >= 0,
          "data.translate_px and data.cutout_px must be >= 0"),
         (recipe.average.every >= 1 and 0 <= recipe.average.decay < 1,

@@ -173,3 +173,11 @@ def test_alternating_flip_and_cutout_train(synthetic_dir):
     result = speedrun.train(data=synthetic_dir, target=0.6, store=None, overrides={
         **TINY, "data.alternating_flip": "true", "data.cutout_px": "4"})
     assert result.reached, result.detail
+
+
+def test_progressive_resizing_trains_and_scales_the_flop_count(synthetic_dir):
+    plain = speedrun.train(data=synthetic_dir, target=0.6, store=None, overrides=TINY)
+    resized = speedrun.train(data=synthetic_dir, target=0.6, store=None, overrides={
+        **TINY, "data.resize_start_scale": "0.5", "data.resize_full_frac": "0.5"})
+    assert resized.reached, resized.detail
+    assert resized.flops_per_image < plain.flops_per_image

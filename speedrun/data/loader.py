@@ -57,6 +57,14 @@ def translate_batch(images: Tensor, max_px: int, generator: torch.Generator | No
     return padded[batch, chans, rows, cols]
 
 
+def resize_batch(images: Tensor, size: int) -> Tensor:
+    """Bilinear, antialiased resize of a batch to ``size`` x ``size`` (a no-op at the current size)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False)
+
+
 class ResidentLoader:
     """Batches of (normalized float images, labels) from uint8 tensors already on the device.
 
@@ -72,6 +80,7 @@ class ResidentLoader:
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.flip, self.translate_px = flip and train, translate_px if train else 0
         self.cutout_px = cutout_px if train else 0
+        self.size: int | None = None  # when set, batches are emitted at size x size (progressive resizing)
         self.channels_last, self.dtype = channels_last, dtype
         self.drop_last = train if drop_last is None else drop_last
         device = images.device
@@ -120,6 +129,8 @@ class ResidentLoader:
             x = translate_batch(x, self.translate_px, self._gen)
         if self.cutout_px:
             x = cutout_batch(x, self.cutout_px, self._gen)
+        if self.size is not None:
+            x = resize_batch(x, self.size)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.dtype) if self.dtype != torch.float32 else x

@@ -22,6 +22,7 @@ from speedrun.models import build_model
 from speedrun.store import RunStore, StoreError, new_run_id
 from speedrun.techniques.averaging import Lookahead
 from speedrun.techniques.label_smoothing import smoothed_cross_entropy
+from speedrun.techniques.resizing import ProgressiveResize
 from speedrun.techniques.schedules import LRSchedule
 from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget
 from speedrun.train.loop import FitState, fit
@@ -271,6 +272,8 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     hooks: list[object] = [LRSchedule(recipe.schedule, momentum=recipe.optim.momentum),
                            DivergenceGuard(1 if dev.type == "cpu" else 25),
                            evaluator]
+    if recipe.data.resize_start_scale < 1.0:
+        hooks.insert(0, ProgressiveResize(recipe.data, native=min(images.image_size)))
     if recipe.average.kind == "lookahead":
         # Listed after the evaluator: after_* events run in reverse, so evaluations see averaged weights.
         hooks.append(Lookahead(recipe.average))
@@ -303,6 +306,7 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, tota
         with state.autocast():
             flops = train_flops_per_image(model, example, lambda out: smoothed_cross_entropy(
                 out, torch.zeros(len(out), dtype=torch.long, device=out.device), smoothing))
+        flops *= state.extras.get("pixel_fraction", 1.0)  # progressive resizing: mean work per image
         peak_dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
         peak = matmul_peak(dev, env["device_name"], peak_dtype)
     ips = images_seen / train_s if train_s > 0 else 0.0
