@@ -337,8 +337,11 @@ def _results(tasks: list, processes: int) -> Iterator[Chunk]:
     if processes <= 1:
         yield from map(_decode_chunk, tasks)
         return
-    # fork: workers start in milliseconds and inherit the imported modules; they only run Pillow.
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    # Not plain fork: forking a process that runs other threads (torch's pool, a progress bar) can copy
+    # a held lock into a worker, which then never starts (seen as a hung test). forkserver forks
+    # workers from a clean single-threaded server instead.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     with ctx.Pool(processes, initializer=_ignore_sigint) as pool:  # leaving the block terminates the workers
         yield from pool.imap(_decode_chunk, tasks)  # in order, so the cache order is deterministic
 
