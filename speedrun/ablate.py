@@ -125,8 +125,8 @@ def variant_name(disabled: Iterable[str], enabled: Sequence[str]) -> str:
 
 def _resolve_techniques(recipe: Recipe, techniques: Mapping[str, Technique] | Iterable[str] | None
                         ) -> dict[str, Technique]:
-    if techniques is None:
-        chosen = {n: t for n, t in TECHNIQUES.items() if t.enabled(recipe)}
+    if techniques is None:  # process-wide techniques can't be switched off in-process: left out
+        chosen = {n: t for n, t in TECHNIQUES.items() if t.enabled(recipe) and not t.process_wide}
         if not chosen:
             raise ConfigError(f"recipe {recipe.name!r} enables none of the known techniques "
                               f"({', '.join(TECHNIQUES)}); nothing to ablate")
@@ -139,6 +139,11 @@ def _resolve_techniques(recipe: Recipe, techniques: Mapping[str, Technique] | It
         if unknown:
             raise ConfigError(f"unknown technique {unknown[0]!r}; known: {', '.join(TECHNIQUES)}")
         chosen = {n: TECHNIQUES[n] for n in names}
+    wide = [n for n, t in chosen.items() if t.process_wide]
+    if wide:
+        raise ConfigError(f"technique {wide[0]!r} is process-wide: once a run turns it on it stays on, so an "
+                          "in-process ablation can't measure it; compare separate `speedrun train` commands "
+                          f"with and without it ({chosen[wide[0]].switch})")
     off = [n for n, t in chosen.items() if not t.enabled(recipe)]
     if off:
         on = [n for n, t in TECHNIQUES.items() if t.enabled(recipe)]

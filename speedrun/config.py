@@ -80,6 +80,7 @@ class TrainConfig:
     channels_last: bool = True
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    retain_memory: bool = False  # keep freed memory in the process (glibc mallopt); process-wide
 
 
 @dataclass(frozen=True)

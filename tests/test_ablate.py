@@ -34,7 +34,7 @@ def _technique(name: str, section: str, key: str, on, off) -> Technique:
 
 def test_plan_leave_one_out_add_one_in_and_both():
     recipe = get_recipe("fashion-mnist")
-    names = [n for n, t in TECHNIQUES.items() if t.enabled(recipe)]
+    names = [n for n, t in TECHNIQUES.items() if t.enabled(recipe) and not t.process_wide]
     assert len(names) >= 3
     loo = plan_variants(recipe, mode="leave-one-out")
     assert [v.name for v in loo] == ["full", "baseline", *[f"-{n}" for n in names]]
@@ -65,6 +65,7 @@ def test_plan_merges_identical_variants_and_adds_pairs():
     ({"techniques": ["nope"]}, "unknown technique 'nope'; known: one-cycle"),
     ({"techniques": ["flip"]}, "technique 'flip' is not enabled in recipe 'fashion-mnist'"),
     ({"mode": "sideways"}, "unknown mode 'sideways'"),
+    ({"techniques": ["retain-memory"]}, "technique 'retain-memory' is process-wide"),
 ])
 def test_plan_errors_are_one_line(kwargs, message):
     with pytest.raises(ConfigError, match=message):

@@ -19,6 +19,7 @@ class Technique:
     switch: str  # the recipe keys that control it
     enabled: Callable[[Recipe], bool]
     disable: Callable[[Recipe], Recipe]  # the same recipe without this technique
+    process_wide: bool = False  # once on, stays on for the rest of the process (in-process ablation can't undo it)
 
 
 def _set(recipe: Recipe, section: str, **values) -> Recipe:
@@ -106,6 +107,16 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "none", "train.channels_last",
         lambda r: r.train.channels_last,
         lambda r: _set(r, "train", channels_last=False)),
+    Technique(
+        "retain-memory",
+        "keeps freed blocks in the process (glibc mallopt) so steps stop page-faulting their buffers back in",
+        "jemalloc/tcmalloc advice in Intel's PyTorch CPU tuning guide; done here in-process",
+        "CPU training with large activations; glibc (Linux) only, a no-op elsewhere",
+        "memory is not returned to the OS until exit; process-wide, stays on for later runs in the process",
+        "train.retain_memory",
+        lambda r: r.train.retain_memory,
+        lambda r: _set(r, "train", retain_memory=False),
+        process_wide=True),
     Technique(
         "no-decay-norm-bias",
         "no weight decay on BatchNorm parameters and biases",

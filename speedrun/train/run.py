@@ -20,6 +20,7 @@ from speedrun.measure.clock import Clock
 from speedrun.measure.flops import matmul_peak, train_flops_per_image
 from speedrun.models import build_model
 from speedrun.store import RunStore, StoreError, new_run_id
+from speedrun.techniques.allocator import retain_freed_memory
 from speedrun.techniques.averaging import Lookahead
 from speedrun.techniques.label_smoothing import smoothed_cross_entropy
 from speedrun.techniques.resizing import ProgressiveResize
@@ -230,6 +231,8 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
 def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int, budget: Budget,
          clock: Clock, progress: bool, stop_at_target: bool) -> tuple[FitState, Evaluator, nn.Module]:
     torch.manual_seed(seed)
+    if recipe.train.retain_memory:
+        retain_freed_memory()
     images = datalib.load_prepared(prepared.directory)
     to_dev = functools.partial(torch.as_tensor, device=dev)
     common = dict(mean=images.mean, std=images.std, channels_last=recipe.train.channels_last)
