@@ -29,6 +29,7 @@ from speedrun.measure.clock import Clock
 from speedrun.measure.stats import seed_stats
 from speedrun.models import build_model
 from speedrun.techniques.label_smoothing import smoothed_cross_entropy
+from speedrun.techniques.normalization import apply_norm_options
 from speedrun.techniques.schedules import LRSchedule, lr_factor
 from speedrun.train.hooks import DivergenceGuard, Evaluator
 from speedrun.train.loop import FitState, fit
@@ -99,6 +100,7 @@ def overhead(recipe_name: str, steps: int, repeats: int) -> str:
         torch.manual_seed(0)
         model = build_model(recipe.model, in_channels=images.channels, num_classes=images.num_classes,
                             image_size=images.image_size)
+        apply_norm_options(model, recipe.model)
         if recipe.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model, build_optimizer(model, recipe)

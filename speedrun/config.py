@@ -45,11 +45,16 @@ class ModelConfig:
     activation: Literal["relu", "gelu", "celu"] = "gelu"
     dropout: float = 0.0
     logit_scale: float = 1.0  # multiplies the logits (airbench uses 1/9)
+    # Normalization options, applied to every BatchNorm after the model is built
+    # (speedrun.techniques.normalization.apply_norm_options):
+    zero_init_residual: bool = False  # γ = 0 in each BN that ends a residual branch (the model marks them)
+    bn_momentum: float | None = None  # PyTorch convention (weight of the new batch); None: as built (0.1)
+    bn_frozen_scale: bool = False  # γ fixed at its initial 1, not trained (airbench)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["sgd", "adamw", "adadelta"] = "sgd"
+    name: Literal["sgd", "adamw", "adadelta", "lars", "lamb"] = "sgd"
     lr: float = 2.0  # peak LR at a batch of lr_batch_size; scaled linearly to train.batch_size
     lr_batch_size: int = 1024
     momentum: float = 0.9
@@ -57,7 +62,13 @@ class OptimConfig:
     # L2 coefficient (PyTorch convention: the step shrinks weights by lr * weight_decay). With the
     # LR scaled linearly in batch size, the decay per example stays constant across batch sizes.
     weight_decay: float = 5e-4
+    # Decoupled weight decay (airbench's unit): when > 0, weight_decay is instead the fraction of each
+    # weight decayed per wd_batch_size training examples at the schedule's peak, whatever optim.lr is:
+    # torch's per-group coefficient becomes weight_decay * train.batch_size / (wd_batch_size * group LR).
+    wd_batch_size: int = 0
     bn_weight_decay: bool = False  # apply weight decay to norm weights and biases
+    bias_lr_scale: float = 1.0  # LR multiplier for BatchNorm biases, in a group of their own (airbench: 64)
+    trust_coefficient: float = 0.001  # lars: η in the layer-wise LR η·|w| / (|g| + wd·|w|)
 
 
 @dataclass(frozen=True)
@@ -87,9 +98,11 @@ class TrainConfig:
 class AverageConfig:
     """Weight averaging. ``lookahead`` (airbench's variant): every ``every`` steps the slow weights move
     toward the fast ones and the fast weights restart from the slow; averaging strength grows as
-    ``decay**every * progress**3``, so early training is untouched and the end is smoothed."""
+    ``decay**every * progress**3``, so early training is untouched and the end is smoothed.
+    ``ema``: a bias-corrected exponential moving average of the weights with ``decay`` per step,
+    updated every ``every`` steps (with ``decay**every``); evaluations and the final model use it."""
 
-    kind: Literal["none", "lookahead"] = "none"
+    kind: Literal["none", "lookahead", "ema"] = "none"
     every: int = 5
     decay: float = 0.95
 
@@ -154,6 +167,14 @@ def validate(recipe: Recipe) -> None:
          "data.translate_px and data.cutout_px must be >= 0"),
         (recipe.average.every >= 1 and 0 <= recipe.average.decay < 1,
          "average.every must be >= 1 and average.decay in [0, 1)"),
+        (recipe.model.bn_momentum is None or 0.0 <= recipe.model.bn_momentum <= 1.0,
+         "model.bn_momentum must be in [0, 1] (PyTorch convention: the weight of the new batch)"),
+        (not (recipe.model.zero_init_residual and recipe.model.bn_frozen_scale),
+         "model.zero_init_residual and model.bn_frozen_scale together would freeze residual branches at 0"),
+        (recipe.optim.weight_decay >= 0 and recipe.optim.wd_batch_size >= 0,
+         "optim.weight_decay and optim.wd_batch_size must be >= 0"),
+        (recipe.optim.bias_lr_scale > 0, "optim.bias_lr_scale must be > 0"),
+        (recipe.optim.trust_coefficient > 0, "optim.trust_coefficient must be > 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -78,7 +78,8 @@ class Evaluator:
 
     def run(self, state: FitState) -> EvalPoint:
         with self.clock.evaluating():
-            accuracy, test_loss = evaluate(state.model, self.loader, tta_flip=self.tta_flip,
+            model = state.model if state.eval_model is None else state.eval_model
+            accuracy, test_loss = evaluate(model, self.loader, tta_flip=self.tta_flip,
                                            autocast=state.autocast)
         elapsed = self.clock.elapsed()
         self._last_eval_s = elapsed

@@ -44,6 +44,7 @@ class FitState:
     inputs: Tensor | None = None
     targets: Tensor | None = None
     loss: Tensor | None = None
+    eval_model: nn.Module | None = None  # what evaluations use when not the model (averaged weights)
     outcome: str = "running"
     detail: str = ""
     extras: dict[str, Any] = field(default_factory=dict)  # scratch space for hooks

@@ -21,8 +21,10 @@ from speedrun.measure.flops import matmul_peak, train_flops_per_image
 from speedrun.models import build_model
 from speedrun.store import RunStore, StoreError, new_run_id
 from speedrun.techniques.allocator import retain_freed_memory
-from speedrun.techniques.averaging import Lookahead
+from speedrun.techniques.averaging import EMA, Lookahead
 from speedrun.techniques.label_smoothing import smoothed_cross_entropy
+from speedrun.techniques.large_batch import LAMB, LARS, linear_scaled_lr, weight_decay_coefficient
+from speedrun.techniques.normalization import apply_norm_options, norm_biases
 from speedrun.techniques.resizing import ProgressiveResize
 from speedrun.techniques.schedules import LRSchedule
 from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget
@@ -131,22 +133,39 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """Param groups with ``peak_lr`` set (the schedule scales it); norm and bias params decay-free by default."""
+    """Param groups with ``peak_lr`` set (the schedule scales it).
+
+    Groups: weights (decayed; layer-wise adapted by LARS and LAMB); norm parameters and biases
+    (decay-free unless ``optim.bn_weight_decay``; never adapted, as in the LARS paper and MLPerf);
+    with ``optim.bias_lr_scale``, BatchNorm biases apart at that multiple of the LR. The LR follows
+    ``linear_scaled_lr`` and each group's decay ``weight_decay_coefficient``.
+    """
     cfg = recipe.optim
-    peak_lr = cfg.lr * recipe.train.batch_size / cfg.lr_batch_size
-    decay, no_decay = [], []
+    peak_lr = linear_scaled_lr(cfg.lr, batch_size=recipe.train.batch_size, reference_batch_size=cfg.lr_batch_size)
+    scaled = {id(p) for p in norm_biases(model)} if cfg.bias_lr_scale != 1.0 else set()
+    weights, small, biases = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 and not cfg.bn_weight_decay else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [dict(g, lr=peak_lr, peak_lr=peak_lr) for g in groups if g["params"]]
+            (biases if id(p) in scaled else small if p.ndim <= 1 else weights).append(p)
+    groups = []
+    for params, lr_scale, decays, adapt in ((weights, 1.0, True, True), (small, 1.0, cfg.bn_weight_decay, False),
+                                            (biases, cfg.bias_lr_scale, cfg.bn_weight_decay, False)):
+        if params:
+            lr = peak_lr * lr_scale
+            wd = weight_decay_coefficient(cfg.weight_decay, group_lr=lr, base_lr=peak_lr,
+                                          batch_size=recipe.train.batch_size, wd_batch_size=cfg.wd_batch_size)
+            groups.append(dict(params=params, lr=lr, peak_lr=lr, weight_decay=wd if decays else 0.0, adapt=adapt))
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=peak_lr)
     if cfg.name == "adadelta":
         return torch.optim.Adadelta(groups, lr=peak_lr)
+    if cfg.name == "lars":
+        return LARS(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                    trust_coefficient=cfg.trust_coefficient)
+    if cfg.name == "lamb":
+        return LAMB(groups, lr=peak_lr)
     raise ConfigError(f"unknown optimizer {cfg.name!r}")
 
 
@@ -249,6 +268,7 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
 
     model = build_model(recipe.model, in_channels=images.channels, num_classes=images.num_classes,
                         image_size=images.image_size).to(dev)
+    apply_norm_options(model, recipe.model)
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, recipe)
@@ -280,6 +300,8 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     if recipe.average.kind == "lookahead":
         # Listed after the evaluator: after_* events run in reverse, so evaluations see averaged weights.
         hooks.append(Lookahead(recipe.average))
+    if recipe.average.kind == "ema":  # after the evaluator for the same reason: it hands over the average
+        hooks.append(EMA(recipe.average))
     if budget.seconds is not None:
         hooks.append(TimeBudget(budget.seconds, clock))
     if progress:
