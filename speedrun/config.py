@@ -35,6 +35,9 @@ class DataConfig:
     # linearly to full size, which is reached for the last resize_full_frac of training. 1.0: off.
     resize_start_scale: float = 1.0
     resize_full_frac: float = 0.25
+    # Image-folder trees only: decode images to at most this side (0: the source's default, 64 px). The
+    # whole set sits on the device, so this decides memory: ImageNet's 1.28M images take 63 GB at 128 px.
+    max_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,13 @@ class ModelConfig:
     activation: Literal["relu", "gelu", "celu"] = "gelu"
     dropout: float = 0.0
     logit_scale: float = 1.0  # multiplies the logits (airbench uses 1/9)
+    # The first layer, per model: "conv" its own (airbench: a trainable stem_kernel square conv; resnet50:
+    # 7x7/2 conv + max-pool); "whiten" (airbench) that conv set by patch whitening and frozen; "small"
+    # (resnet50) a 3x3/1 conv without pooling, for CIFAR-size images.
+    stem: Literal["conv", "whiten", "small"] = "conv"
+    stem_kernel: int = 2  # airbench: side of the stem conv's square kernel
+    whiten_eps: float = 5e-4  # stem=whiten: added to each patch-covariance eigenvalue before 1/sqrt
+    dirac: bool = False  # start the first min(in, out) filters of each 3x3 conv as the identity (airbench)
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,9 @@ class OptimConfig:
     # LR scaled linearly in batch size, the decay per example stays constant across batch sizes.
     weight_decay: float = 5e-4
     bn_weight_decay: bool = False  # apply weight decay to norm weights and biases
+    # LR multiplier for normalization-layer parameters (airbench: 64 for its BN shifts). Their weight decay,
+    # if any, is divided by it, so the decay per step stays that of the other weights.
+    norm_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +164,10 @@ def validate(recipe: Recipe) -> None:
          "data.resize_start_scale must be in (0, 1] and data.resize_full_frac in [0, 1]"),
         (recipe.data.translate_px >= 0 and recipe.data.cutout_px >= 0,
          "data.translate_px and data.cutout_px must be >= 0"),
+        (recipe.model.stem_kernel >= 1 and recipe.model.whiten_eps > 0,
+         "model.stem_kernel must be >= 1 and model.whiten_eps > 0"),
+        (recipe.optim.norm_lr_scale > 0, "optim.norm_lr_scale must be > 0"),
+        (recipe.data.max_size >= 0, "data.max_size must be >= 0 (0: the source's default)"),
         (recipe.average.every >= 1 and 0 <= recipe.average.decay < 1,
          "average.every must be >= 1 and average.decay in [0, 1)"),
     ]

@@ -115,6 +115,14 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         lambda r: not r.optim.bn_weight_decay and r.optim.weight_decay > 0,
         lambda r: _set(r, "optim", bn_weight_decay=True)),
     Technique(
+        "norm-lr-scale",
+        "trains normalization-layer parameters at a multiple of the LR, with the same weight decay per step",
+        "airbench (BN biases at 64x the LR); Myrtle.ai's CIFAR-10 runs",
+        "nets with frozen BN scales, where the BN shifts must move fast",
+        "none", "optim.norm_lr_scale",
+        lambda r: r.optim.norm_lr_scale != 1.0,
+        lambda r: _set(r, "optim", norm_lr_scale=1.0)),
+    Technique(
         "lookahead",
         "every k steps pulls the weights toward a slow average, more strongly as training ends",
         "Zhang et al. 2019 (Lookahead); airbench's scheduled variant",
@@ -130,6 +138,24 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "doubles evaluation compute", "eval.tta_flip",
         lambda r: r.eval.tta_flip,
         lambda r: _set(r, "eval", tta_flip=False)),
+    Technique(
+        "patch-whitening",
+        "first layer: a frozen k x k conv that whitens the training images' patches (covariance "
+        "eigenvectors over sqrt(eigenvalue + eps), both signs)",
+        "Myrtle.ai (How to train your ResNet 7); hlb-CIFAR10; airbench",
+        "short schedules on small images, where the first layer would otherwise spend epochs learning it",
+        "one eigendecomposition of a (C k^2)^2 covariance at start; no weight gradient for the stem",
+        "model.stem=whiten, model.stem_kernel, model.whiten_eps",
+        lambda r: r.model.stem == "whiten",
+        lambda r: _set(r, "model", stem="conv")),
+    Technique(
+        "dirac-init",
+        "starts the first min(in, out) filters of each 3x3 conv as the identity, the rest random",
+        "airbench (an implicit residual for a net without skip connections)",
+        "deeper plain (non-residual) conv nets trained briefly",
+        "none", "model.dirac",
+        lambda r: r.model.dirac,
+        lambda r: _set(r, "model", dirac=False)),
 )}
 
 

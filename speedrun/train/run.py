@@ -97,6 +97,9 @@ class TrainResult:
                 "curve": [asdict(p) for p in self.curve]}
 
 
+INIT_IMAGES = 5000  # training images a data-dependent init sees (airbench whitens on 5,000)
+
+
 def resolve_recipe(recipe: str | Path | Recipe) -> Recipe:
     from speedrun.config import load_toml
     from speedrun.recipes import get_recipe
@@ -130,16 +133,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """Param groups with ``peak_lr`` set (the schedule scales it); norm and bias params decay-free by default."""
+    """Param groups with ``peak_lr`` set (the schedule scales it); norm and bias params decay-free by default,
+    norm params at ``optim.norm_lr_scale`` x the LR (their decay divided by it: the same shrink per step)."""
     cfg = recipe.optim
     peak_lr = cfg.lr * recipe.train.batch_size / cfg.lr_batch_size
-    decay, no_decay = [], []
+    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
+    buckets: dict[tuple[float, float], list[nn.Parameter]] = {}  # (lr scale, weight decay) -> params
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 and not cfg.bn_weight_decay else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [dict(g, lr=peak_lr, peak_lr=peak_lr) for g in groups if g["params"]]
+            decay = cfg.weight_decay if p.ndim > 1 or cfg.bn_weight_decay else 0.0
+            scale = cfg.norm_lr_scale if id(p) in norm_params else 1.0
+            buckets.setdefault((scale, decay / scale), []).append(p)
+    groups = [{"params": params, "weight_decay": decay, "lr": peak_lr * scale, "peak_lr": peak_lr * scale}
+              for (scale, decay), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.name == "adamw":
@@ -147,6 +153,9 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     if cfg.name == "adadelta":
         return torch.optim.Adadelta(groups, lr=peak_lr)
     raise ConfigError(f"unknown optimizer {cfg.name!r}")
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def _store_for(store: RunStore | str | Path | bool | None) -> RunStore | None:
@@ -189,7 +198,11 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
     precision = resolve_precision(recipe.train.precision, dev)
 
     # One-time preparation, timed apart from the run.
-    source = datalib.resolve(recipe.data.source)
+    if not recipe.data.source:
+        raise ConfigError(f"recipe {recipe.name} names no dataset: give one with --data PATH "
+                          "(or data.source), e.g. an image-folder tree train/<class>/*.jpg with val/ beside it")
+    folder_options = {"max_size": recipe.data.max_size} if recipe.data.max_size else {}
+    source = datalib.resolve(recipe.data.source, **folder_options)
     prepared = datalib.prepare(source)
 
     env = {**environment(dev), "precision": precision}
@@ -246,6 +259,8 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
 
     model = build_model(recipe.model, in_channels=images.channels, num_classes=images.num_classes,
                         image_size=images.image_size).to(dev)
+    if hasattr(model, "init_from_data"):  # data-dependent init (patch whitening): inside the clock, redone each run
+        model.init_from_data(train_loader.sample(INIT_IMAGES))
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, recipe)
