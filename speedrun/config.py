@@ -35,6 +35,9 @@ class DataConfig:
     # linearly to full size, which is reached for the last resize_full_frac of training. 1.0: off.
     resize_start_scale: float = 1.0
     resize_full_frac: float = 0.25
+    # Image-folder trees only: decode images to at most this side (0: the source's default, 64 px). The
+    # whole set sits on the device, so this decides memory: ImageNet's 1.28M images take 63 GB at 128 px.
+    max_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,13 @@ class ModelConfig:
     zero_init_residual: bool = False  # γ = 0 in each BN that ends a residual branch (the model marks them)
     bn_momentum: float | None = None  # PyTorch convention (weight of the new batch); None: as built (0.1)
     bn_frozen_scale: bool = False  # γ fixed at its initial 1, not trained (airbench)
+    # The first layer, per model: "conv" its own (airbench: a trainable stem_kernel square conv; resnet50:
+    # 7x7/2 conv + max-pool); "whiten" (airbench) that conv set by patch whitening and frozen; "small"
+    # (resnet50) a 3x3/1 conv without pooling, for CIFAR-size images.
+    stem: Literal["conv", "whiten", "small"] = "conv"
+    stem_kernel: int = 2  # airbench: side of the stem conv's square kernel
+    whiten_eps: float = 5e-4  # stem=whiten: added to each patch-covariance eigenvalue before 1/sqrt
+    dirac: bool = False  # start the first min(in, out) filters of each 3x3 conv as the identity (airbench)
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,9 @@ def validate(recipe: Recipe) -> None:
          "data.resize_start_scale must be in (0, 1] and data.resize_full_frac in [0, 1]"),
         (recipe.data.translate_px >= 0 and recipe.data.cutout_px >= 0,
          "data.translate_px and data.cutout_px must be >= 0"),
+        (recipe.model.stem_kernel >= 1 and recipe.model.whiten_eps > 0,
+         "model.stem_kernel must be >= 1 and model.whiten_eps > 0"),
+        (recipe.data.max_size >= 0, "data.max_size must be >= 0 (0: the source's default)"),
         (recipe.average.every >= 1 and 0 <= recipe.average.decay < 1,
          "average.every must be >= 1 and average.decay in [0, 1)"),
         (recipe.model.bn_momentum is None or 0.0 <= recipe.model.bn_momentum <= 1.0,

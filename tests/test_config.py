@@ -27,6 +27,10 @@ def test_unknown_key_lists_valid_keys():
     ("target", "0", "target must be in"),
     ("train.epochs", "-1", "train.epochs must be > 0"),
     ("train", "3", "is a section"),
+    ("model.stem", "patchy", "must be one of 'conv', 'whiten', 'small'"),
+    ("model.whiten_eps", "0", "model.whiten_eps > 0"),
+    ("model.stem_kernel", "0", "model.stem_kernel must be >= 1"),
+    ("data.max_size", "-1", "data.max_size must be >= 0"),
 ])
 def test_bad_values_fail_with_the_key(key, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -168,3 +168,17 @@ def test_alternating_flip_shows_each_image_both_ways_every_two_epochs():
     e0, e1, e2 = flipped(0), flipped(1), flipped(2)
     assert all(e0[i] != e1[i] for i in range(n)) and e0 == e2
     assert 10 < sum(e0.values()) < 54  # the first epoch's choice is random
+
+
+def test_sample_is_a_seeded_unaugmented_draw_of_distinct_images():
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 1, 4, 4).contiguous()
+    kw = dict(batch_size=4, mean=(0.5,), std=(0.25,), train=True, flip=True, translate_px=1, cutout_px=2)
+    loader = ResidentLoader(images, torch.zeros(20, dtype=torch.long), seed=1, **kw)
+    sample = loader.sample(8)
+    pixels = sample * 0.25 * 255 + 0.5 * 255  # undo the normalization: every pixel is the image's index
+    assert torch.allclose(pixels, pixels.round(), atol=1e-4)
+    assert torch.equal(pixels.round(), pixels[:, :, :1, :1].round().expand(8, 1, 4, 4))  # no cutout
+    assert len(set(pixels[:, 0, 0, 0].round().tolist())) == 8 and torch.equal(loader.sample(8), sample)
+    assert len(loader.sample(100)) == 20
+    other = ResidentLoader(images, torch.zeros(20, dtype=torch.long), seed=2, **kw).sample(8)
+    assert not torch.equal(other, sample)

@@ -134,3 +134,10 @@ class ResidentLoader:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.dtype) if self.dtype != torch.float32 else x
+
+    def sample(self, count: int) -> Tensor:
+        """``count`` images drawn without replacement (all when fewer), normalized but not augmented: for
+        data-dependent initialisation. A random draw, since image folders are stored class by class."""
+        gen = torch.Generator(device=self.images.device).manual_seed(self.seed)
+        idx = torch.randperm(len(self.images), device=self.images.device, generator=gen)[:count]
+        return torch.addcmul(self._shift, self.images[idx].to(torch.float32), self._scale)

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from speedrun.config import ModelConfig
+from speedrun.techniques.conv_init import dirac_init_
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "celu": nn.CELU}
 
@@ -24,6 +25,8 @@ class ConvNet(nn.Module):
         width = in_channels
         for i, w in enumerate(cfg.widths):
             layers.append(nn.Conv2d(width, w, 3, padding=1, bias=False))
+            if cfg.dirac:
+                dirac_init_(layers[-1])
             if i in cfg.pools:
                 layers.append(nn.MaxPool2d(2))
             layers += [nn.BatchNorm2d(w), _ACTIVATIONS[cfg.activation]()]

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from speedrun.config import ConfigError, Recipe
-from speedrun.recipes import fashion_mnist
+from speedrun.recipes import cifar10, fashion_mnist, imagenet
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,10 @@ RECIPES: dict[str, RecipeSpec] = {spec.name: spec for spec in (
                "the CPU default: fast conv net to 92% on Fashion-MNIST"),
     RecipeSpec("baseline", fashion_mnist.baseline,
                "what a typical project does (PyTorch examples' MNIST script): the control for speedups"),
+    RecipeSpec("cifar10-94", cifar10.cifar10_94,
+               "airbench94's recipe for a GPU: CIFAR-10 to 94% in about 10 epochs"),
+    RecipeSpec("imagenet-resnet50", imagenet.imagenet_resnet50,
+               "ResNet-50 to 75.9% top-1 (MLPerf's target) on an image-folder tree given with --data"),
 )}
 
 

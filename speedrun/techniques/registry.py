@@ -216,6 +216,24 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "doubles evaluation compute", "eval.tta_flip",
         lambda r: r.eval.tta_flip,
         lambda r: _set(r, "eval", tta_flip=False)),
+    Technique(
+        "patch-whitening",
+        "first layer: a frozen k x k conv that whitens the training images' patches (covariance "
+        "eigenvectors over sqrt(eigenvalue + eps), both signs)",
+        "Myrtle.ai (How to train your ResNet 7); hlb-CIFAR10; airbench",
+        "short schedules on small images, where the first layer would otherwise spend epochs learning it",
+        "one eigendecomposition of a (C k^2)^2 covariance at start; no weight gradient for the stem",
+        "model.stem=whiten, model.stem_kernel, model.whiten_eps",
+        lambda r: r.model.stem == "whiten",
+        lambda r: _set(r, "model", stem="conv")),
+    Technique(
+        "dirac-init",
+        "starts the first min(in, out) filters of each 3x3 conv as the identity, the rest random",
+        "airbench (an implicit residual for a net without skip connections)",
+        "deeper plain (non-residual) conv nets trained briefly",
+        "none", "model.dirac",
+        lambda r: r.model.dirac,
+        lambda r: _set(r, "model", dirac=False)),
 )}
 
 

@@ -100,6 +100,9 @@ class TrainResult:
                 "curve": [asdict(p) for p in self.curve]}
 
 
+INIT_IMAGES = 5000  # training images a data-dependent init sees (airbench whitens on 5,000)
+
+
 def resolve_recipe(recipe: str | Path | Recipe) -> Recipe:
     from speedrun.config import load_toml
     from speedrun.recipes import get_recipe
@@ -209,7 +212,11 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
     precision = resolve_precision(recipe.train.precision, dev)
 
     # One-time preparation, timed apart from the run.
-    source = datalib.resolve(recipe.data.source)
+    if not recipe.data.source:
+        raise ConfigError(f"recipe {recipe.name} names no dataset: give one with --data PATH "
+                          "(or data.source), e.g. an image-folder tree train/<class>/*.jpg with val/ beside it")
+    folder_options = {"max_size": recipe.data.max_size} if recipe.data.max_size else {}
+    source = datalib.resolve(recipe.data.source, **folder_options)
     prepared = datalib.prepare(source)
 
     env = {**environment(dev), "precision": precision}
@@ -269,6 +276,8 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     model = build_model(recipe.model, in_channels=images.channels, num_classes=images.num_classes,
                         image_size=images.image_size).to(dev)
     apply_norm_options(model, recipe.model)
+    if hasattr(model, "init_from_data"):  # data-dependent init (patch whitening): inside the clock, redone each run
+        model.init_from_data(train_loader.sample(INIT_IMAGES))
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, recipe)
