@@ -35,6 +35,19 @@ class DataConfig:
     # linearly to full size, which is reached for the last resize_full_frac of training. 1.0: off.
     resize_start_scale: float = 1.0
     resize_full_frac: float = 0.25
+    # With progressive resizing: batch size x (native / size)^2 (at most 4x) at smaller sizes, and the
+    # LR scaled by the same factor (linear scaling rule), as fast.ai's ImageNet runs did.
+    resize_scale_batch: bool = False
+    # Random-resized crop (Inception): a random box per image, of area fraction in rrc_scale = (lo, hi)
+    # and aspect ratio w/h in rrc_ratio, resized to the current size. Empty rrc_scale: off.
+    rrc_scale: tuple[float, ...] = ()
+    rrc_ratio: tuple[float, ...] = (0.75, 4 / 3)
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019): a batch is mixed with probability
+    # mix_prob, with lambda ~ Beta(alpha, alpha); with both alphas > 0, each mixed batch uses one
+    # of the two at even odds. 0: off.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,7 @@ class EvalConfig:
     start_frac: float = 0.0  # no evaluation before this fraction of the schedule
     batch_size: int = 1024
     tta_flip: bool = False  # average the logits of each image and its mirror
+    tta_translate_px: int = 0  # also average over copies shifted by +-(N, N) pixels (reflect padding)
 
 
 @dataclass(frozen=True)
@@ -151,6 +165,14 @@ def validate(recipe: Recipe) -> None:
          "data.resize_start_scale must be in (0, 1] and data.resize_full_frac in [0, 1]"),
         (recipe.data.translate_px >= 0 and recipe.data.cutout_px >= 0,
          "data.translate_px and data.cutout_px must be >= 0"),
+        (recipe.data.rrc_scale == () or (len(recipe.data.rrc_scale) == 2
+                                         and 0 < recipe.data.rrc_scale[0] <= recipe.data.rrc_scale[1] <= 1),
+         "data.rrc_scale must be empty (off) or lo,hi with 0 < lo <= hi <= 1"),
+        (len(recipe.data.rrc_ratio) == 2 and 0 < recipe.data.rrc_ratio[0] <= recipe.data.rrc_ratio[1],
+         "data.rrc_ratio must be lo,hi with 0 < lo <= hi"),
+        (recipe.data.mixup_alpha >= 0 and recipe.data.cutmix_alpha >= 0 and 0 <= recipe.data.mix_prob <= 1,
+         "data.mixup_alpha and data.cutmix_alpha must be >= 0 and data.mix_prob in [0, 1]"),
+        (recipe.eval.tta_translate_px >= 0, "eval.tta_translate_px must be >= 0"),
         (recipe.average.every >= 1 and 0 <= recipe.average.decay < 1,
          "average.every must be >= 1 and average.decay in [0, 1)"),
     ]

@@ -125,3 +125,14 @@ def test_momentum_cycles_against_the_lr_and_the_hook_sets_it():
     State.optimizer = sgd
     LRSchedule(ScheduleConfig(kind="one-cycle"), momentum=0.95).before_batch(State)  # cycling off
     assert sgd.param_groups[0]["momentum"] == pytest.approx(0.85)  # left as it was
+
+
+def test_readme_technique_table_matches_the_catalog():
+    import re
+    from pathlib import Path
+
+    from speedrun.techniques.registry import TECHNIQUES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `([^`]+)` \| (.+?) \| `(.+?)` \|$", readme, re.M)
+    assert rows == [(t.name, t.summary, t.switch) for t in TECHNIQUES.values()]

@@ -99,6 +99,14 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         lambda r: r.data.translate_px > 0,
         lambda r: _set(r, "data", translate_px=0)),
     Technique(
+        "random-resized-crop",
+        "crops a random box per image (random area fraction and aspect ratio) and resizes it to the training size",
+        "Szegedy et al. 2015 (Inception); the standard ImageNet augmentation; fast.ai DAWNBench",
+        "larger images and longer schedules; objects at varied scales and positions",
+        "two small batched matmuls per step (crop and resize in one op)", "data.rrc_scale, data.rrc_ratio",
+        lambda r: bool(r.data.rrc_scale),
+        lambda r: _set(r, "data", rrc_scale=())),
+    Technique(
         "channels-last",
         "NHWC memory format for activations and conv weights",
         "PyTorch performance guide; hlb-CIFAR10",

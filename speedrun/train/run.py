@@ -236,7 +236,8 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     train_loader = datalib.ResidentLoader(
         to_dev(images.train_images), to_dev(images.train_labels), batch_size=recipe.train.batch_size,
         train=True, seed=seed, flip=recipe.data.flip, alternating_flip=recipe.data.alternating_flip,
-        translate_px=recipe.data.translate_px, cutout_px=recipe.data.cutout_px, **common)
+        translate_px=recipe.data.translate_px, cutout_px=recipe.data.cutout_px,
+        rrc_scale=recipe.data.rrc_scale or None, rrc_ratio=recipe.data.rrc_ratio, **common)
     test_loader = datalib.ResidentLoader(
         to_dev(images.test_images), to_dev(images.test_labels), batch_size=recipe.eval.batch_size,
         train=False, **common)

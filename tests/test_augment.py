@@ -1,0 +1,83 @@
+"""Augmentations: random-resized crop, mixup/CutMix (with label smoothing), translation TTA, batch scaling."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speedrun.data.loader import (ResidentLoader, crop_resize_batch, random_resized_crop_batch,
+                                  sample_crop_boxes)
+
+
+# ---------------------------------------------------------------- random-resized crop
+
+def _reference_crop_resize(images, boxes, size):
+    """Per image: slice the box, then F.interpolate (bilinear, antialiased) to ``size``."""
+    out = []
+    for image, (top, left, h, w) in zip(images, boxes.tolist()):
+        crop = image[None, :, top:top + h, left:left + w]
+        out.append(F.interpolate(crop, size=size, mode="bilinear", antialias=True, align_corners=False)[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("size", [(12, 12), (20, 30), (45, 40)])  # shrinking, mixed, enlarging
+def test_crop_resize_batch_matches_a_per_image_reference(size):
+    torch.manual_seed(0)
+    images = torch.rand(24, 3, 25, 35) * 255
+    gen = torch.Generator().manual_seed(1)
+    boxes = sample_crop_boxes(24, 25, 35, scale=(0.05, 1.0), ratio=(0.3, 3.0), generator=gen)
+    boxes[0] = torch.tensor([0, 0, 25, 35])  # the whole image
+    boxes[1] = torch.tensor([24, 34, 1, 1])  # a single pixel in the corner
+    out = crop_resize_batch(images, boxes, size)
+    assert out.shape == (24, 3, *size)
+    assert torch.allclose(out, _reference_crop_resize(images, boxes, size), atol=1e-3)  # pixel units, 0..255
+
+
+def test_crop_boxes_stay_in_the_image_and_within_the_area_and_ratio_ranges():
+    height, width, n = 200, 300, 4000
+    scale, ratio = (0.2, 0.9), (0.5, 2.0)
+    boxes = sample_crop_boxes(n, height, width, scale=scale, ratio=ratio,
+                              generator=torch.Generator().manual_seed(0)).double()
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    # Sides are rounded to whole pixels: bound the drawn (continuous) box by the rounded one +- half a pixel.
+    assert ((w - 0.5) * (h - 0.5) <= scale[1] * height * width).all()
+    assert ((w + 0.5) * (h + 0.5) >= scale[0] * height * width).all()
+    assert ((w - 0.5) / (h + 0.5) <= ratio[1]).all() and ((w + 0.5) / (h - 0.5) >= ratio[0]).all()
+    # ... and the draws cover both ranges and every position.
+    area, log_ratio = w * h / (height * width), torch.log(w / h)
+    assert area.min() < scale[0] + 0.02 and area.max() > scale[1] - 0.02
+    assert log_ratio.min() < math.log(ratio[0]) + 0.05 and log_ratio.max() > math.log(ratio[1]) - 0.05
+    assert abs(float(log_ratio.mean())) < 0.05  # log-uniform on a range symmetric in log
+    assert (top == 0).any() and (top + h == height).any() and (left == 0).any() and (left + w == width).any()
+
+
+def test_crop_boxes_fall_back_to_the_largest_box_when_no_ratio_fits():
+    boxes = sample_crop_boxes(200, 16, 16, scale=(0.5, 1.0), ratio=(3.0, 4.0),
+                              generator=torch.Generator().manual_seed(0))
+    top, left, h, w = boxes.unbind(1)
+    assert (w == 16).all() and (top + h <= 16).all() and (left == 0).all()  # full width, as tall as fits
+
+
+def test_random_resized_crop_is_the_crop_of_the_sampled_boxes():
+    images = torch.rand(16, 2, 28, 28)
+    out = random_resized_crop_batch(images, (16, 16), scale=(0.3, 1.0), generator=torch.Generator().manual_seed(4))
+    boxes = sample_crop_boxes(16, 28, 28, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3),
+                              generator=torch.Generator().manual_seed(4))
+    assert torch.equal(out, crop_resize_batch(images, boxes, (16, 16)))
+
+
+def test_loader_crops_to_its_current_size_only_when_training():
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(64)
+    kw = dict(batch_size=16, mean=(0.5,), std=(0.25,), seed=0)
+    plain = ResidentLoader(images, labels, train=True, **kw)
+    full = ResidentLoader(images, labels, train=True, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0), **kw)
+    assert torch.allclose(next(full.epoch(0))[0], next(plain.epoch(0))[0], atol=1e-5)  # the whole image: identity
+    crop = ResidentLoader(images, labels, train=True, rrc_scale=(0.2, 0.5), **kw)
+    x, _ = next(crop.epoch(0))
+    assert x.shape == (16, 1, 28, 28) and not torch.allclose(x, next(plain.epoch(0))[0])
+    crop.size = 16  # progressive resizing: crop and resize in one op
+    assert next(crop.epoch(0))[0].shape == (16, 1, 16, 16)
+    test = ResidentLoader(images, labels, train=False, rrc_scale=(0.2, 0.5), **kw)
+    assert test.rrc_scale is None
