@@ -81,3 +81,98 @@ def test_loader_crops_to_its_current_size_only_when_training():
     assert next(crop.epoch(0))[0].shape == (16, 1, 16, 16)
     test = ResidentLoader(images, labels, train=False, rrc_scale=(0.2, 0.5), **kw)
     assert test.rrc_scale is None
+
+
+# ---------------------------------------------------------------- mixup and CutMix
+
+def test_mixup_matches_a_per_sample_reference():
+    from speedrun.techniques.mixing import mixup_batch
+
+    torch.manual_seed(0)
+    x, y = torch.randn(7, 3, 5, 6), torch.randint(0, 4, (7,))
+    targets = F.one_hot(y, 4).float()
+    mixed, soft = mixup_batch(x, targets, 0.7)
+    for i in range(7):
+        j = (i - 1) % 7
+        assert torch.allclose(mixed[i], 0.7 * x[i] + 0.3 * x[j], atol=1e-6)
+        expected = torch.zeros(4)
+        expected[y[i]] += 0.7
+        expected[y[j]] += 0.3
+        assert torch.allclose(soft[i], expected)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert mixup_batch(cl, targets, 0.7)[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cutmix_matches_a_per_sample_reference_and_mixes_targets_by_area():
+    import random
+
+    from speedrun.techniques.mixing import cutmix_batch, cutmix_box
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 2, 10, 8), torch.tensor([0, 1, 2, 1, 3])
+    rng = random.Random(3)
+    for lam in (0.0, 0.3, 0.6, 0.9, 1.0):
+        full_h, full_w = 2 * round(10 * math.sqrt(1 - lam) / 2), 2 * round(8 * math.sqrt(1 - lam) / 2)
+        for _ in range(50):
+            t, l, h, w = cutmix_box(10, 8, lam, rng)
+            assert 0 <= t and 0 <= l and t + h <= 10 and l + w <= 8
+            # sides of sqrt(1 - lam) x the image's, shorter only where the box is clipped at an edge
+            assert h == full_h or (h < full_h and (t == 0 or t + h == 10))
+            assert w == full_w or (w < full_w and (l == 0 or l + w == 8))
+    box = (2, 3, 5, 4)
+    mixed, soft = cutmix_batch(x, F.one_hot(y, 4).float(), box)
+    lam = 1 - 5 * 4 / 80
+    for i in range(5):
+        j = (i - 1) % 5
+        expected = x[i].clone()
+        expected[:, 2:7, 3:7] = x[j, :, 2:7, 3:7]
+        assert torch.equal(mixed[i], expected)
+        target = torch.zeros(4)
+        target[y[i]] += lam
+        target[y[j]] += 1 - lam
+        assert torch.allclose(soft[i], target)
+
+
+def test_smoothed_cross_entropy_on_mixed_targets_matches_the_formula():
+    from speedrun.techniques.label_smoothing import smoothed_cross_entropy
+    from speedrun.techniques.mixing import mixup_batch
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    _, soft = mixup_batch(torch.zeros(6, 1, 1, 1), F.one_hot(y, 5).float(), 0.6)
+    s, k = 0.1, 5
+    log_p = torch.log_softmax(logits, 1)
+    expected = 0.0
+    for i in range(6):  # by hand: lam * smoothed loss of the image's class + (1 - lam) * its partner's
+        a, b = int(y[i]), int(y[i - 1])
+        loss_a = -((1 - s) * log_p[i, a] + s / k * log_p[i].sum())
+        loss_b = -((1 - s) * log_p[i, b] + s / k * log_p[i].sum())
+        expected += (0.6 * loss_a + 0.4 * loss_b) / 6
+    assert float(smoothed_cross_entropy(logits, soft, s)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_mix_hook_mixes_with_its_probability_and_keeps_plain_batches():
+    from speedrun.techniques.mixing import MixBatch
+
+    class State:
+        pass
+
+    def run(hook, n=400):
+        kinds = []
+        for _ in range(n):
+            State.inputs, State.targets = torch.rand(8, 1, 6, 6), torch.randint(0, 3, (8,))
+            before = State.inputs
+            hook.before_batch(State)
+            if State.targets.dtype == torch.long:
+                kinds.append("plain")
+                assert State.inputs is before
+            else:
+                assert State.targets.shape == (8, 3) and torch.allclose(State.targets.sum(1), torch.ones(8))
+                pasted = (State.inputs == before.roll(1, 0)) & (State.inputs != before)
+                kinds.append("cutmix" if pasted.any() else "mixup")
+        return kinds
+
+    both = run(MixBatch(3, mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.5, seed=0))
+    assert 150 < both.count("plain") < 250 and 50 < both.count("cutmix") < 150 and 50 < both.count("mixup") < 150
+    assert set(run(MixBatch(3, mixup_alpha=0.4, seed=1), 50)) == {"mixup"}
+    assert set(run(MixBatch(3, mixup_alpha=0.0, cutmix_alpha=0.0, seed=1), 20)) == {"plain"}

@@ -107,6 +107,22 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         lambda r: bool(r.data.rrc_scale),
         lambda r: _set(r, "data", rrc_scale=())),
     Technique(
+        "mixup",
+        "trains on blends lam * x_i + (1 - lam) * x_j of image pairs against the same blend of their labels",
+        "Zhang et al. 2018 (mixup); timm's ImageNet recipes",
+        "long schedules and large models that overfit; slows convergence of short runs",
+        "a batched lerp per mixed batch", "data.mixup_alpha, data.mix_prob",
+        lambda r: r.data.mixup_alpha > 0,
+        lambda r: _set(r, "data", mixup_alpha=0.0)),
+    Technique(
+        "cutmix",
+        "pastes a random box of one image into another; labels mix by the pasted area",
+        "Yun et al. 2019 (CutMix); timm's ImageNet recipes",
+        "long schedules and large models that overfit; slows convergence of short runs",
+        "a batched copy per mixed batch", "data.cutmix_alpha, data.mix_prob",
+        lambda r: r.data.cutmix_alpha > 0,
+        lambda r: _set(r, "data", cutmix_alpha=0.0)),
+    Technique(
         "channels-last",
         "NHWC memory format for activations and conv weights",
         "PyTorch performance guide; hlb-CIFAR10",

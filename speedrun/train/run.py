@@ -22,6 +22,7 @@ from speedrun.models import build_model
 from speedrun.store import RunStore, StoreError, new_run_id
 from speedrun.techniques.averaging import Lookahead
 from speedrun.techniques.label_smoothing import smoothed_cross_entropy
+from speedrun.techniques.mixing import MixBatch
 from speedrun.techniques.resizing import ProgressiveResize
 from speedrun.techniques.schedules import LRSchedule
 from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget
@@ -275,6 +276,9 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
                            evaluator]
     if recipe.data.resize_start_scale < 1.0:
         hooks.insert(0, ProgressiveResize(recipe.data, native=min(images.image_size)))
+    if recipe.data.mixup_alpha > 0 or recipe.data.cutmix_alpha > 0:
+        hooks.insert(0, MixBatch(images.num_classes, mixup_alpha=recipe.data.mixup_alpha,
+                                 cutmix_alpha=recipe.data.cutmix_alpha, prob=recipe.data.mix_prob, seed=seed))
     if recipe.average.kind == "lookahead":
         # Listed after the evaluator: after_* events run in reverse, so evaluations see averaged weights.
         hooks.append(Lookahead(recipe.average))
