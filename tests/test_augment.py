@@ -1,4 +1,5 @@
 """Augmentations: random-resized crop, mixup/CutMix (with label smoothing), translation TTA, batch scaling."""
+import contextlib
 import math
 
 import pytest
@@ -176,3 +177,66 @@ def test_mix_hook_mixes_with_its_probability_and_keeps_plain_batches():
     assert 150 < both.count("plain") < 250 and 50 < both.count("cutmix") < 150 and 50 < both.count("mixup") < 150
     assert set(run(MixBatch(3, mixup_alpha=0.4, seed=1), 50)) == {"mixup"}
     assert set(run(MixBatch(3, mixup_alpha=0.0, cutmix_alpha=0.0, seed=1), 20)) == {"plain"}
+
+
+# ---------------------------------------------------------------- test-time augmentation
+
+def _reflect(i: int, n: int) -> int:
+    i = abs(i)
+    return 2 * (n - 1) - i if i >= n else i
+
+
+def test_shift_batch_matches_a_per_pixel_reflection_reference():
+    from speedrun.techniques.tta import shift_batch
+
+    x = torch.randn(2, 3, 6, 7)
+    for dy, dx in [(2, 2), (-2, -2), (1, -3), (0, 2)]:
+        out = shift_batch(x, dy, dx)
+        expected = torch.empty_like(x)
+        for r in range(6):
+            for c in range(7):
+                expected[..., r, c] = x[..., _reflect(r - dy, 6), _reflect(c - dx, 7)]
+        assert torch.equal(out, expected), (dy, dx)
+    assert shift_batch(x, 0, 0) is x
+
+
+def test_tta_logits_average_over_flips_and_shifts():
+    from speedrun.techniques.tta import shift_batch, tta_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 5 * 5, 3))
+    x = torch.randn(4, 2, 5, 5)
+    views = [x, shift_batch(x, 1, 1), shift_batch(x, -1, -1)]
+    views += [v.flip(3) for v in views]
+    expected = torch.stack([model(v) for v in views]).mean(0)
+    assert torch.allclose(tta_logits(model, x, flip=True, translate_px=1), expected, atol=1e-6)
+    assert torch.allclose(tta_logits(model, x, translate_px=1), torch.stack([model(v) for v in views[:3]]).mean(0),
+                          atol=1e-6)
+    assert torch.allclose(tta_logits(model, x, flip=True), (model(x) + model(x.flip(3))) / 2)
+    assert torch.equal(tta_logits(model, x), model(x))
+
+
+def test_evaluate_and_the_evaluator_use_translation_tta():
+    from speedrun.measure.clock import Clock
+    from speedrun.techniques.tta import tta_logits
+    from speedrun.train.hooks import Evaluator, evaluate
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 3, (40,))
+    loader = ResidentLoader(images, labels, batch_size=16, mean=(0.5,), std=(0.25,), train=False)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    x = torch.cat([b for b, _ in loader.epoch(0)])
+    with torch.no_grad():
+        logits = tta_logits(model, x, flip=True, translate_px=2)
+    accuracy, loss = evaluate(model, loader, tta_flip=True, tta_translate_px=2)
+    assert accuracy == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+    assert loss == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
+    assert evaluate(model, loader, tta_flip=True)[1] != pytest.approx(loss)  # the shifts count
+
+    class State:
+        step, epoch_float, autocast, extras = 1, 0.1, contextlib.nullcontext, {}
+
+    State.model = model
+    point = Evaluator(loader, clock=Clock().start(), target=None, tta_flip=True, tta_translate_px=2).run(State)
+    assert point.accuracy == pytest.approx(accuracy) and point.test_loss == pytest.approx(loss)

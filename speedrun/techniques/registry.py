@@ -154,6 +154,14 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "doubles evaluation compute", "eval.tta_flip",
         lambda r: r.eval.tta_flip,
         lambda r: _set(r, "eval", tta_flip=False)),
+    Technique(
+        "translate-tta",
+        "at evaluation, also averages the logits of copies shifted by +-(N, N) pixels (x2 with flip-TTA)",
+        "airbench (TTA level 2: 1 px diagonal shifts)",
+        "small images where a pixel's shift changes the prediction; cheap evaluations",
+        "triples evaluation compute", "eval.tta_translate_px",
+        lambda r: r.eval.tta_translate_px > 0,
+        lambda r: _set(r, "eval", tta_translate_px=0)),
 )}
 
 

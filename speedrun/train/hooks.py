@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from speedrun.measure.clock import Clock
+from speedrun.techniques.tta import tta_logits
 from speedrun.train.loop import FitState, StopFit
 
 
@@ -23,17 +24,16 @@ class EvalPoint:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, *, tta_flip: bool = False,
+def evaluate(model: nn.Module, loader, *, tta_flip: bool = False, tta_translate_px: int = 0,
              autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy over ``loader``; with ``tta_flip``, logits of image and mirror averaged."""
+    """Accuracy and mean cross-entropy over ``loader``; with test-time augmentation, the logits are
+    averaged over mirrored (``tta_flip``) and shifted (``tta_translate_px``) copies of each image."""
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
     for x, y in loader.epoch(0):
         with autocast():
-            logits = model(x)
-            if tta_flip:
-                logits = (logits + model(x.flip(3))) / 2
+            logits = tta_logits(model, x, flip=tta_flip, translate_px=tta_translate_px)
         logits = logits.float()
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
@@ -50,10 +50,11 @@ class Evaluator:
     """
 
     def __init__(self, loader, *, clock: Clock, target: float | None, every_steps: int = 0,
-                 every_s: float = 0.0, start_step: int = 0, tta_flip: bool = False) -> None:
+                 every_s: float = 0.0, start_step: int = 0, tta_flip: bool = False,
+                 tta_translate_px: int = 0) -> None:
         self.loader, self.clock, self.target = loader, clock, target
         self.every_steps, self.every_s, self.start_step = every_steps, every_s, start_step
-        self.tta_flip = tta_flip
+        self.tta_flip, self.tta_translate_px = tta_flip, tta_translate_px
         self.curve: list[EvalPoint] = []
         self.best_accuracy = 0.0
         self.reached_at: float | None = None  # elapsed seconds when the target was first seen
@@ -79,7 +80,7 @@ class Evaluator:
     def run(self, state: FitState) -> EvalPoint:
         with self.clock.evaluating():
             accuracy, test_loss = evaluate(state.model, self.loader, tta_flip=self.tta_flip,
-                                           autocast=state.autocast)
+                                           tta_translate_px=self.tta_translate_px, autocast=state.autocast)
         elapsed = self.clock.elapsed()
         self._last_eval_s = elapsed
         train_loss = float(self._loss_sum) / self._loss_count if self._loss_count else None

@@ -270,7 +270,7 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     evaluator = Evaluator(test_loader, clock=clock, target=recipe.target if stop_at_target else None,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
                           every_s=ev.every_s, start_step=math.ceil(ev.start_frac * schedule_steps),
-                          tta_flip=ev.tta_flip)
+                          tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px)
     hooks: list[object] = [LRSchedule(recipe.schedule, momentum=recipe.optim.momentum),
                            DivergenceGuard(1 if dev.type == "cpu" else 25),
                            evaluator]
