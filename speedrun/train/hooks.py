@@ -59,18 +59,25 @@ class Evaluator:
         self.best_accuracy = 0.0
         self.reached_at: float | None = None  # elapsed seconds when the target was first seen
         self._last_eval_s = 0.0
+        self._last_step = 0.0  # schedule step of the previous after_step
         self._loss_sum: Tensor | float = 0.0
         self._loss_count = 0
+
+    def before_fit(self, state: FitState) -> None:
+        self._last_step = state.schedule_step
 
     def after_loss(self, state: FitState) -> None:
         self._loss_sum = self._loss_sum + state.loss.detach().float()  # no device sync
         self._loss_count += 1
 
     def after_step(self, state: FitState) -> None:
-        if state.step < self.start_step and state.step < state.max_steps:
+        # Schedule steps, not optimizer steps: with batch scaling one step may span several.
+        step, last = state.schedule_step, self._last_step
+        self._last_step = step
+        if step < self.start_step and not state.at_end:
             return
-        due = state.step >= state.max_steps
-        if self.every_steps and state.step % self.every_steps == 0:
+        due = state.at_end
+        if self.every_steps and step // self.every_steps > last // self.every_steps:
             due = True
         if self.every_s and self.clock.elapsed(sync=False) - self._last_eval_s >= self.every_s:
             due = True
@@ -145,12 +152,12 @@ class ProgressBar:
                                             acc="-", elapsed=0.0)
 
     def after_step(self, state: FitState) -> None:
-        if state.step % 8 and state.step != state.max_steps:
+        if state.step % 8 and not state.at_end:
             return
         elapsed = self.clock.elapsed(sync=False)
         train_s = max(elapsed - self.clock.eval_s, 1e-9)
         acc = state.extras.get("last_accuracy")
-        self.progress.update(self._task, completed=state.step, epoch=state.epoch_float,
+        self.progress.update(self._task, completed=state.schedule_step, epoch=state.epoch_float,
                              ips=state.images_seen / train_s, elapsed=elapsed,
                              acc=f"{acc:.2%}" if acc is not None else "-")
 

@@ -265,7 +265,8 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     smoothing = recipe.train.label_smoothing
     state = FitState(model=net, optimizer=optimizer, autocast=autocast, grad_scaler=scaler,
                      loss_fn=lambda logits, y: smoothed_cross_entropy(logits, y, smoothing),
-                     loader=train_loader, schedule_steps=schedule_steps, max_steps=max_steps)
+                     loader=train_loader, schedule_steps=schedule_steps, max_steps=max_steps,
+                     step_images=recipe.train.batch_size)  # the schedule counts images
     ev = recipe.eval
     evaluator = Evaluator(test_loader, clock=clock, target=recipe.target if stop_at_target else None,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
@@ -299,7 +300,7 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, tota
         best = evaluator.best_accuracy
         outcome = "budget_exhausted"
         detail = (f"schedule of {recipe.train.epochs:g} epochs ended at {best:.2%} < target {recipe.target:.2%}"
-                  if state.step >= state.schedule_steps else
+                  if state.schedule_step >= state.schedule_steps else
                   f"epoch budget ended at epoch {state.epoch_float:.2f}, best {best:.2%}")
     curve = evaluator.curve if evaluator else []
     train_s = clock.elapsed() - clock.eval_s
