@@ -26,7 +26,8 @@ def inference_latency(model: nn.Module, images: Iterable[Tensor], *, tta_flip: b
     """Time ``model`` on each image (a batch of one, already normalized), as a deployed model would see them.
 
     The first ``warmup`` images are run untimed (allocator and kernel selection); with test-time
-    augmentation each image costs a forward pass per view, as in the evaluation. On CUDA each timing ends with a sync.
+    augmentation each image costs a forward pass per view, as in the evaluation. On CUDA each timing
+    ends with a sync.
     """
     was_training = model.training
     model.eval()
