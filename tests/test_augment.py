@@ -242,6 +242,20 @@ def test_evaluate_and_the_evaluator_use_translation_tta():
     assert point.accuracy == pytest.approx(accuracy) and point.test_loss == pytest.approx(loss)
 
 
+def test_inference_latency_runs_every_tta_view():
+    from speedrun.measure.latency import inference_latency
+
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape)
+            return x.flatten(1)
+
+    stats = inference_latency(Counting(), [torch.rand(1, 1, 4, 4)] * 5, tta_flip=True, tta_translate_px=1, warmup=1)
+    assert stats.samples == 5 and len(calls) == 6 * (5 + 1)
+
+
 # ---------------------------------------------------------------- end to end
 
 def test_a_run_with_every_augmentation_trains(synthetic_dir):
