@@ -425,6 +425,7 @@ def _measure_latency(r, recipe: Recipe, samples: int) -> float | None:
                                         batch_size=1, train=False, mean=images.mean, std=images.std,
                                         channels_last=recipe.train.channels_last)
         stats = inference_latency(r.model, (x for x, _ in loader.epoch(0)), tta_flip=recipe.eval.tta_flip,
+                                  tta_translate_px=recipe.eval.tta_translate_px,
                                   precision=r.env.get("precision", "fp32"))
         return stats.median_s
     except Exception:  # a latency we could not take is reported as not measured, never invented

@@ -38,6 +38,19 @@ class DataConfig:
     # Image-folder trees only: decode images to at most this side (0: the source's default, 64 px). The
     # whole set sits on the device, so this decides memory: ImageNet's 1.28M images take 63 GB at 128 px.
     max_size: int = 0
+    # With progressive resizing: batch size x (native / size)^2 (at most 4x) at smaller sizes, and the
+    # LR scaled by the same factor (linear scaling rule), as fast.ai's ImageNet runs did.
+    resize_scale_batch: bool = False
+    # Random-resized crop (Inception): a random box per image, of area fraction in rrc_scale = (lo, hi)
+    # and aspect ratio w/h in rrc_ratio, resized to the current size. Empty rrc_scale: off.
+    rrc_scale: tuple[float, ...] = ()
+    rrc_ratio: tuple[float, ...] = (0.75, 4 / 3)
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019): a batch is mixed with probability
+    # mix_prob, with lambda ~ Beta(alpha, alpha); with both alphas > 0, each mixed batch uses one
+    # of the two at even odds. 0: off.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,7 @@ class EvalConfig:
     start_frac: float = 0.0  # no evaluation before this fraction of the schedule
     batch_size: int = 1024
     tta_flip: bool = False  # average the logits of each image and its mirror
+    tta_translate_px: int = 0  # also average over copies shifted by +-(N, N) pixels (reflect padding)
 
 
 @dataclass(frozen=True)
@@ -178,6 +192,14 @@ def validate(recipe: Recipe) -> None:
         (recipe.model.stem_kernel >= 1 and recipe.model.whiten_eps > 0,
          "model.stem_kernel must be >= 1 and model.whiten_eps > 0"),
         (recipe.data.max_size >= 0, "data.max_size must be >= 0 (0: the source's default)"),
+        (recipe.data.rrc_scale == () or (len(recipe.data.rrc_scale) == 2
+                                         and 0 < recipe.data.rrc_scale[0] <= recipe.data.rrc_scale[1] <= 1),
+         "data.rrc_scale must be empty (off) or lo,hi with 0 < lo <= hi <= 1"),
+        (len(recipe.data.rrc_ratio) == 2 and 0 < recipe.data.rrc_ratio[0] <= recipe.data.rrc_ratio[1],
+         "data.rrc_ratio must be lo,hi with 0 < lo <= hi"),
+        (recipe.data.mixup_alpha >= 0 and recipe.data.cutmix_alpha >= 0 and 0 <= recipe.data.mix_prob <= 1,
+         "data.mixup_alpha and data.cutmix_alpha must be >= 0 and data.mix_prob in [0, 1]"),
+        (recipe.eval.tta_translate_px >= 0, "eval.tta_translate_px must be >= 0"),
         (recipe.average.every >= 1 and 0 <= recipe.average.decay < 1,
          "average.every must be >= 1 and average.decay in [0, 1)"),
         (recipe.model.bn_momentum is None or 0.0 <= recipe.model.bn_momentum <= 1.0,

@@ -92,3 +92,32 @@ def test_hooks_may_replace_the_batch_and_the_loss():
     weight = state.model.weight.clone()
     fit(state, [ZeroLoss()])
     assert torch.equal(weight, state.model.weight)  # zero loss: no gradient, no change
+
+
+def test_with_step_images_the_schedule_counts_images_when_batches_vary():
+    from speedrun.measure.clock import Clock
+    from speedrun.train.hooks import Evaluator
+
+    class VaryingLoader(ListLoader):
+        def __init__(self):
+            torch.manual_seed(0)
+            self.batches = [(torch.randn(b, 3), torch.randint(0, 2, (b,))) for b in (4, 8, 12, 4)]
+
+    model = torch.nn.Linear(3, 2)
+    state = FitState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     loss_fn=torch.nn.functional.cross_entropy, loader=VaryingLoader(), schedule_steps=10,
+                     max_steps=10, step_images=4)
+    seen, evaluated = [], []
+
+    class Watch:
+        def after_step(self, state):
+            seen.append((state.images_seen, state.progress, state.epoch_float))
+
+    evaluator = Evaluator(None, clock=Clock().start(), target=None, every_steps=3)
+    evaluator.run = lambda state: evaluated.append(state.images_seen)
+    fit(state, [Watch(), evaluator])
+    # images 4, 12, 24, 28 | 32, 40: the schedule of 10 steps of 4 images ends at 40, after 6 optimizer steps
+    assert [s[0] for s in seen] == [4, 12, 24, 28, 32, 40] and state.step == 6 and state.epoch == 2
+    assert [s[1] for s in seen] == [i / 40 for i in (4, 12, 24, 28, 32, 40)]
+    assert seen[-1][2] == 40 / 4 / 4  # epochs of len(loader) schedule steps
+    assert evaluated == [12, 24, 40]  # every 3 schedule steps (12 images) crossed, and at the end

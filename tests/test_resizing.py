@@ -41,3 +41,53 @@ def test_hook_drives_the_loader_size_and_reports_the_pixel_fraction():
     hook.after_step(State)
     hook.after_fit(State)
     assert State.extras["pixel_fraction"] == pytest.approx(((16 / 28) ** 2 + 1.0) / 2)
+
+
+def test_scaled_batch_size_keeps_pixels_per_step_up_to_the_cap():
+    from speedrun.techniques.resizing import scaled_batch_size
+
+    assert scaled_batch_size(100, size=28, native=28) == 100
+    assert scaled_batch_size(100, size=20, native=28) == round(100 * (28 / 20) ** 2)  # 196
+    assert scaled_batch_size(100, size=12, native=28) == 400  # (28/12)^2 = 5.4, capped at 4x
+    assert scaled_batch_size(100, size=12, native=28, max_factor=8) == round(100 * (28 / 12) ** 2)
+
+
+def test_batch_scaling_follows_the_size_and_the_schedule_counts_images():
+    from speedrun.config import ScheduleConfig
+    from speedrun.techniques.resizing import scaled_batch_size
+    from speedrun.techniques.schedules import LRSchedule, one_cycle
+    from speedrun.train.loop import FitState, fit
+
+    torch.manual_seed(0)
+    n, base, native = 512, 16, 28
+    loader = ResidentLoader(torch.randint(0, 256, (n, 1, native, native), dtype=torch.uint8),
+                            torch.randint(0, 3, (n,)), batch_size=base, mean=(0.5,), std=(0.25,), train=True)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3))
+    optimizer = torch.optim.SGD([{"params": model.parameters(), "peak_lr": 0.2}], lr=0.2)
+    steps = 2 * n // base  # two epochs of the base batch
+    state = FitState(model=model, optimizer=optimizer, loss_fn=torch.nn.functional.cross_entropy, loader=loader,
+                     schedule_steps=steps, max_steps=steps, step_images=base)
+    cfg = DataConfig(resize_start_scale=0.5, resize_full_frac=0.25, resize_scale_batch=True)
+    schedule = ScheduleConfig(kind="one-cycle", warmup_frac=0.25, start_factor=0.1)
+    seen = []
+
+    class Record:
+        def before_batch(self, state):
+            seen.append((state.images_seen, state.inputs.shape[-1], len(state.targets),
+                         state.optimizer.param_groups[0]["lr"]))
+
+    fit(state, [ProgressiveResize(cfg, native=native), LRSchedule(schedule), Record()])
+    assert state.outcome == "completed" and state.progress == 1.0
+    assert steps * base <= state.images_seen < steps * base + 4 * base  # stops within the last batch
+    assert len(seen) < steps  # fewer, larger steps
+    pixels = 0.0
+    for images_before, size, batch, lr in seen:
+        progress = images_before / (steps * base)  # the schedule is a function of the images seen
+        assert size == progressive_size(progress, native=native, start_scale=0.5, full_frac=0.25)
+        assert batch == scaled_batch_size(base, size=size, native=native)
+        assert lr == pytest.approx(0.2 * batch / base * one_cycle(progress, warmup_frac=0.25, start_factor=0.1))
+        pixels += (size / native) ** 2 * batch
+    assert {b for _, s, b, _ in seen if s == native} == {base} and max(b for *_, b, _ in seen) > 2 * base
+    assert state.extras["pixel_fraction"] == pytest.approx(pixels / state.images_seen)
+    assert loader.batch_size == base and optimizer.param_groups[0]["peak_lr"] == 0.2  # restored after the fit

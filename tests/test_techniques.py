@@ -65,7 +65,7 @@ def test_lookahead_hook_syncs_every_k_steps_and_at_the_end():
     model = torch.nn.Linear(2, 1)
 
     class State:
-        step, max_steps, progress = 0, 7, 1.0
+        step, max_steps, progress, at_end = 0, 7, 1.0, False
 
     State.model = model
     hook = Lookahead(AverageConfig(kind="lookahead", every=3, decay=0.9))
@@ -82,7 +82,7 @@ def test_lookahead_hook_syncs_every_k_steps_and_at_the_end():
     assert torch.allclose(model.weight, start + (1 - alpha)) and torch.allclose(hook.slow[0], model.weight)
     with torch.no_grad():
         model.weight.add_(1.0)
-    State.step = 7  # the last step syncs even off the cadence
+    State.step, State.at_end = 7, True  # the last step syncs even off the cadence
     hook.after_step(State)
     assert torch.allclose(model.weight, start + (1 - alpha) + (1 - alpha))
 

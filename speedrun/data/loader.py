@@ -6,6 +6,7 @@ fraction of a training step on CPU as on GPU.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -65,6 +66,75 @@ def resize_batch(images: Tensor, size: int) -> Tensor:
                                            align_corners=False)
 
 
+def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, float],
+                      ratio: tuple[float, float], generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> Tensor:
+    """Random crop boxes, an (n, 4) long tensor of (top, left, box height, box width) in pixels.
+
+    As in Inception's random-resized crop (Szegedy et al. 2015): the aspect ratio w/h is log-uniform in
+    ``ratio``, the area is a fraction of ``height * width`` uniform in ``scale``, the position uniform.
+    torchvision retries a draw up to 10 times until the box fits; here the area is instead drawn up to
+    the largest box that fits at the drawn ratio, so one draw suffices and, whenever some box of that
+    ratio fits within ``scale``, every box lies within both ranges (up to rounding to whole pixels).
+    """
+    u = torch.rand(n, 4, device=device, generator=generator)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    r = torch.exp(log_lo + (log_hi - log_lo) * u[:, 0])
+    # The largest area fraction with w = sqrt(a*H*W*r) <= W and h = sqrt(a*H*W/r) <= H.
+    fits = torch.minimum(width / (height * r), height * r / width)
+    hi = fits.clamp(max=scale[1])
+    lo = hi.clamp(max=scale[0])
+    area = (lo + (hi - lo) * u[:, 1]) * (height * width)
+    w = torch.sqrt(area * r).round().clamp(1, width)
+    h = torch.sqrt(area / r).round().clamp(1, height)
+    top = (u[:, 2] * (height - h + 1)).floor().clamp(max=height - h)
+    left = (u[:, 3] * (width - w + 1)).floor().clamp(max=width - w)
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def _resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
+    """(n, out_size, in_size) matrices: row i holds the weights F.interpolate(mode="bilinear",
+    antialias=True) gives the input pixels for output pixel i when resizing the window [start, start +
+    length) of each image. A triangle filter, widened by the scale factor when shrinking (antialiasing),
+    zero outside the window, each row normalized."""
+    start, length = start.float()[:, None, None], length.float()[:, None, None]
+    scale = length / out_size  # input pixels per output pixel
+    centre = start + scale * (torch.arange(out_size, device=start.device)[None, :, None] + 0.5)
+    pixel = torch.arange(in_size, device=start.device)[None, None, :] + 0.5  # pixel centres
+    w = (1 - ((pixel - centre) / scale.clamp(min=1.0)).abs()).clamp(min=0)
+    w = w * ((pixel > start) & (pixel < start + length))
+    return w / w.sum(-1, keepdim=True)
+
+
+def crop_resize_batch(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Crop box ``boxes[i]`` = (top, left, h, w) of image i and resize it to ``size``, for all images at once.
+
+    Equal to ``F.interpolate(crop, size, mode="bilinear", antialias=True)`` per image (what
+    ``resize_batch`` does to whole images), as two batched matmuls with per-image interpolation
+    matrices. On CPU this is as fast as ``grid_sample`` at 32 px and faster at 28 px; ``grid_sample``
+    has no antialiasing and reads past the box edges, and only wins (1.3x at 64 px, 3x at 224 px, 1 thread)
+    on larger images, where the crop is still small next to a training step.
+    """
+    rows = _resize_weights(boxes[:, 0], boxes[:, 2], images.shape[2], size[0]).to(images.dtype)
+    cols = _resize_weights(boxes[:, 1], boxes[:, 3], images.shape[3], size[1]).to(images.dtype)
+    return rows[:, None] @ (images @ cols.transpose(1, 2)[:, None])
+
+
+def random_resized_crop_batch(images: Tensor, size: tuple[int, int], *, scale: tuple[float, float],
+                              ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                              generator: torch.Generator | None = None) -> Tensor:
+    """Random-resized crop of every image in a batch: a random box per image (``sample_crop_boxes``)
+    resized to ``size`` (``crop_resize_batch``). Crop and resize are one op, so it composes with
+    progressive resizing at no extra cost.
+
+    >>> random_resized_crop_batch(torch.rand(8, 3, 32, 32), (24, 24), scale=(0.35, 1.0)).shape
+    torch.Size([8, 3, 24, 24])
+    """
+    n, _, h, w = images.shape
+    boxes = sample_crop_boxes(n, h, w, scale=scale, ratio=ratio, generator=generator, device=images.device)
+    return crop_resize_batch(images, boxes, size)
+
+
 class ResidentLoader:
     """Batches of (normalized float images, labels) from uint8 tensors already on the device.
 
@@ -74,12 +144,14 @@ class ResidentLoader:
     def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, mean: tuple[float, ...],
                  std: tuple[float, ...], train: bool, seed: int = 0, flip: bool = False,
                  alternating_flip: bool = False, translate_px: int = 0, cutout_px: int = 0,
+                 rrc_scale: tuple[float, float] | None = None, rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  channels_last: bool = False, drop_last: bool | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.flip, self.translate_px = flip and train, translate_px if train else 0
         self.cutout_px = cutout_px if train else 0
+        self.rrc_scale, self.rrc_ratio = (tuple(rrc_scale) if rrc_scale and train else None), tuple(rrc_ratio)
         self.size: int | None = None  # when set, batches are emitted at size x size (progressive resizing)
         self.channels_last, self.dtype = channels_last, dtype
         self.drop_last = train if drop_last is None else drop_last
@@ -108,13 +180,16 @@ class ResidentLoader:
             order = torch.randperm(n, device=self.images.device, generator=self._gen)
         else:
             order = None
-        for i in range(len(self)):
+        start = 0
+        # The batch size is read afresh for every batch: a hook may change it between steps.
+        while start + (self.batch_size if self.drop_last else 1) <= n:
+            stop = start + self.batch_size
             if order is None:
-                x, y = self.images[i * self.batch_size:(i + 1) * self.batch_size], \
-                    self.labels[i * self.batch_size:(i + 1) * self.batch_size]
+                x, y = self.images[start:stop], self.labels[start:stop]
             else:
-                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+                idx = order[start:stop]
                 x, y = self.images[idx], self.labels[idx]
+            start = stop
             flips = None if self._flip_base is None else alternating_flip_mask(self._flip_base[idx], epoch)
             yield self.transform(x, flips), y
 
@@ -125,12 +200,15 @@ class ResidentLoader:
             x = torch.where(flips[:, None, None, None], x.flip(3), x)
         elif self.flip:
             x = flip_batch(x, self._gen)
+        if self.rrc_scale is not None:  # crop and resize to the current size in one op
+            out = x.shape[-2:] if self.size is None else (self.size, self.size)
+            x = random_resized_crop_batch(x, out, scale=self.rrc_scale, ratio=self.rrc_ratio, generator=self._gen)
         if self.translate_px:
             x = translate_batch(x, self.translate_px, self._gen)
         if self.cutout_px:
             x = cutout_batch(x, self.cutout_px, self._gen)
         if self.size is not None:
-            x = resize_batch(x, self.size)
+            x = resize_batch(x, self.size)  # a no-op after the random-resized crop
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.dtype) if self.dtype != torch.float32 else x

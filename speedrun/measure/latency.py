@@ -10,6 +10,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from speedrun.techniques.tta import tta_logits
+
 
 @dataclass(frozen=True)
 class LatencyStats:
@@ -20,11 +22,12 @@ class LatencyStats:
 
 @torch.inference_mode()
 def inference_latency(model: nn.Module, images: Iterable[Tensor], *, tta_flip: bool = False,
-                      precision: str = "fp32", warmup: int = 3) -> LatencyStats:
+                      tta_translate_px: int = 0, precision: str = "fp32", warmup: int = 3) -> LatencyStats:
     """Time ``model`` on each image (a batch of one, already normalized), as a deployed model would see them.
 
-    The first ``warmup`` images are run untimed (allocator and kernel selection); with ``tta_flip``
-    each image costs two forward passes, as in the evaluation. On CUDA each timing ends with a sync.
+    The first ``warmup`` images are run untimed (allocator and kernel selection); with test-time
+    augmentation each image costs a forward pass per view, as in the evaluation. On CUDA each timing
+    ends with a sync.
     """
     was_training = model.training
     model.eval()
@@ -40,8 +43,7 @@ def inference_latency(model: nn.Module, images: Iterable[Tensor], *, tta_flip: b
 
     def infer(x: Tensor) -> Tensor:
         with autocast():
-            logits = model(x)
-            return (logits + model(x.flip(3))) / 2 if tta_flip else logits
+            return tta_logits(model, x, flip=tta_flip, translate_px=tta_translate_px)
 
     for x in batches[:warmup]:
         infer(x)

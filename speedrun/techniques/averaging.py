@@ -40,7 +40,7 @@ class Lookahead:
         self.slow = [t.detach().clone() for t in _averaged_tensors(state.model)]
 
     def after_step(self, state) -> None:
-        if state.step % self.cfg.every and state.step < state.max_steps:
+        if state.step % self.cfg.every and not state.at_end:
             return
         alpha = lookahead_alpha(state.progress, decay=self.cfg.decay, every=self.cfg.every)
         lookahead_step(self.slow, _averaged_tensors(state.model), alpha)

@@ -13,5 +13,10 @@ def smooth_labels(targets: Tensor, num_classes: int, smoothing: float) -> Tensor
 
 
 def smoothed_cross_entropy(logits: Tensor, targets: Tensor, smoothing: float) -> Tensor:
-    """Cross-entropy against smoothed targets (PyTorch's fused ``label_smoothing``)."""
+    """Cross-entropy against smoothed targets (PyTorch's fused ``label_smoothing``).
+
+    ``targets`` are class indices (n,) or class probabilities (n, k), such as mixup or CutMix make;
+    probabilities ``p`` are smoothed to ``(1 - smoothing) * p + smoothing / k``. Being linear in the
+    target, this is the blend of the two images' smoothed losses, as timm computes it.
+    """
     return F.cross_entropy(logits, targets, label_smoothing=smoothing)

@@ -92,6 +92,14 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         lambda r: r.data.resize_start_scale < 1.0,
         lambda r: _set(r, "data", resize_start_scale=1.0)),
     Technique(
+        "resize-batch-scaling",
+        "with progressive resizing, batch size x (full/size)^2 (at most 4x) at low resolution, LR scaled alike",
+        "fast.ai ImageNet in 18 min (larger batches at 128 px); Goyal et al. 2017 (linear scaling rule)",
+        "when small-image steps are too short to use the device well (GPUs); fewer, larger steps early",
+        "none; fewer optimizer steps", "data.resize_scale_batch, data.resize_start_scale",
+        lambda r: r.data.resize_scale_batch and r.data.resize_start_scale < 1.0,
+        lambda r: _set(r, "data", resize_scale_batch=False)),
+    Technique(
         "translate",
         "shifts each image by up to N pixels with reflect padding",
         "Myrtle.ai; airbench (2 px)",
@@ -99,6 +107,30 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "a batched gather per step", "data.translate_px",
         lambda r: r.data.translate_px > 0,
         lambda r: _set(r, "data", translate_px=0)),
+    Technique(
+        "random-resized-crop",
+        "crops a random box per image (random area fraction and aspect ratio) and resizes it to the training size",
+        "Szegedy et al. 2015 (Inception); the standard ImageNet augmentation; fast.ai DAWNBench",
+        "larger images and longer schedules; objects at varied scales and positions",
+        "two small batched matmuls per step (crop and resize in one op)", "data.rrc_scale, data.rrc_ratio",
+        lambda r: bool(r.data.rrc_scale),
+        lambda r: _set(r, "data", rrc_scale=())),
+    Technique(
+        "mixup",
+        "trains on blends lam * x_i + (1 - lam) * x_j of image pairs against the same blend of their labels",
+        "Zhang et al. 2018 (mixup); timm's ImageNet recipes",
+        "long schedules and large models that overfit; slows convergence of short runs",
+        "a batched lerp per mixed batch", "data.mixup_alpha, data.mix_prob",
+        lambda r: r.data.mixup_alpha > 0,
+        lambda r: _set(r, "data", mixup_alpha=0.0)),
+    Technique(
+        "cutmix",
+        "pastes a random box of one image into another; labels mix by the pasted area",
+        "Yun et al. 2019 (CutMix); timm's ImageNet recipes",
+        "long schedules and large models that overfit; slows convergence of short runs",
+        "a batched copy per mixed batch", "data.cutmix_alpha, data.mix_prob",
+        lambda r: r.data.cutmix_alpha > 0,
+        lambda r: _set(r, "data", cutmix_alpha=0.0)),
     Technique(
         "channels-last",
         "NHWC memory format for activations and conv weights",
@@ -216,6 +248,14 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "doubles evaluation compute", "eval.tta_flip",
         lambda r: r.eval.tta_flip,
         lambda r: _set(r, "eval", tta_flip=False)),
+    Technique(
+        "translate-tta",
+        "at evaluation, also averages the logits of copies shifted by +-(N, N) pixels (x2 with flip-TTA)",
+        "airbench (TTA level 2: 1 px diagonal shifts)",
+        "small images where a pixel's shift changes the prediction; cheap evaluations",
+        "triples evaluation compute", "eval.tta_translate_px",
+        lambda r: r.eval.tta_translate_px > 0,
+        lambda r: _set(r, "eval", tta_translate_px=0)),
     Technique(
         "patch-whitening",
         "first layer: a frozen k x k conv that whitens the training images' patches (covariance "

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from speedrun.measure.clock import Clock
+from speedrun.techniques.tta import tta_logits
 from speedrun.train.loop import FitState, StopFit
 
 
@@ -23,17 +24,16 @@ class EvalPoint:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, *, tta_flip: bool = False,
+def evaluate(model: nn.Module, loader, *, tta_flip: bool = False, tta_translate_px: int = 0,
              autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy over ``loader``; with ``tta_flip``, logits of image and mirror averaged."""
+    """Accuracy and mean cross-entropy over ``loader``; with test-time augmentation, the logits are
+    averaged over mirrored (``tta_flip``) and shifted (``tta_translate_px``) copies of each image."""
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
     for x, y in loader.epoch(0):
         with autocast():
-            logits = model(x)
-            if tta_flip:
-                logits = (logits + model(x.flip(3))) / 2
+            logits = tta_logits(model, x, flip=tta_flip, translate_px=tta_translate_px)
         logits = logits.float()
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
@@ -50,26 +50,34 @@ class Evaluator:
     """
 
     def __init__(self, loader, *, clock: Clock, target: float | None, every_steps: int = 0,
-                 every_s: float = 0.0, start_step: int = 0, tta_flip: bool = False) -> None:
+                 every_s: float = 0.0, start_step: int = 0, tta_flip: bool = False,
+                 tta_translate_px: int = 0) -> None:
         self.loader, self.clock, self.target = loader, clock, target
         self.every_steps, self.every_s, self.start_step = every_steps, every_s, start_step
-        self.tta_flip = tta_flip
+        self.tta_flip, self.tta_translate_px = tta_flip, tta_translate_px
         self.curve: list[EvalPoint] = []
         self.best_accuracy = 0.0
         self.reached_at: float | None = None  # elapsed seconds when the target was first seen
         self._last_eval_s = 0.0
+        self._last_step = 0.0  # schedule step of the previous after_step
         self._loss_sum: Tensor | float = 0.0
         self._loss_count = 0
+
+    def before_fit(self, state: FitState) -> None:
+        self._last_step = state.schedule_step
 
     def after_loss(self, state: FitState) -> None:
         self._loss_sum = self._loss_sum + state.loss.detach().float()  # no device sync
         self._loss_count += 1
 
     def after_step(self, state: FitState) -> None:
-        if state.step < self.start_step and state.step < state.max_steps:
+        # Schedule steps, not optimizer steps: with batch scaling one step may span several.
+        step, last = state.schedule_step, self._last_step
+        self._last_step = step
+        if step < self.start_step and not state.at_end:
             return
-        due = state.step >= state.max_steps
-        if self.every_steps and state.step % self.every_steps == 0:
+        due = state.at_end
+        if self.every_steps and step // self.every_steps > last // self.every_steps:
             due = True
         if self.every_s and self.clock.elapsed(sync=False) - self._last_eval_s >= self.every_s:
             due = True
@@ -80,7 +88,7 @@ class Evaluator:
         with self.clock.evaluating():
             model = state.model if state.eval_model is None else state.eval_model
             accuracy, test_loss = evaluate(model, self.loader, tta_flip=self.tta_flip,
-                                           autocast=state.autocast)
+                                           tta_translate_px=self.tta_translate_px, autocast=state.autocast)
         elapsed = self.clock.elapsed()
         self._last_eval_s = elapsed
         train_loss = float(self._loss_sum) / self._loss_count if self._loss_count else None
@@ -145,12 +153,12 @@ class ProgressBar:
                                             acc="-", elapsed=0.0)
 
     def after_step(self, state: FitState) -> None:
-        if state.step % 8 and state.step != state.max_steps:
+        if state.step % 8 and not state.at_end:
             return
         elapsed = self.clock.elapsed(sync=False)
         train_s = max(elapsed - self.clock.eval_s, 1e-9)
         acc = state.extras.get("last_accuracy")
-        self.progress.update(self._task, completed=state.step, epoch=state.epoch_float,
+        self.progress.update(self._task, completed=state.schedule_step, epoch=state.epoch_float,
                              ips=state.images_seen / train_s, elapsed=elapsed,
                              acc=f"{acc:.2%}" if acc is not None else "-")
 

@@ -34,7 +34,7 @@ class FitState:
     optimizer: torch.optim.Optimizer
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     loader: Any  # has .epoch(e) -> iterator of (inputs, targets), and len()
-    schedule_steps: int  # the LR schedule's length; progress = step / schedule_steps
+    schedule_steps: int  # the LR schedule's length, in schedule steps (see ``schedule_step``)
     max_steps: int  # training stops here even if the schedule is longer (an epoch budget)
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
     grad_scaler: torch.amp.GradScaler | None = None
@@ -48,19 +48,32 @@ class FitState:
     outcome: str = "running"
     detail: str = ""
     extras: dict[str, Any] = field(default_factory=dict)  # scratch space for hooks
+    # Images in one schedule step, when the schedule counts images because batches may change size
+    # (batch scaling with progressive resizing); 0: the schedule counts optimizer steps.
+    step_images: int = 0
+    steps_per_epoch: int = field(init=False)  # len(loader) at the start, in schedule steps
+
+    def __post_init__(self) -> None:
+        self.steps_per_epoch = len(self.loader)
 
     @property
-    def steps_per_epoch(self) -> int:
-        return len(self.loader)
+    def schedule_step(self) -> float:
+        """Steps done in the schedule's unit: optimizer steps, or images seen / ``step_images``."""
+        return self.images_seen / self.step_images if self.step_images else self.step
 
     @property
     def progress(self) -> float:
         """Fraction of the schedule done, in [0, 1]."""
-        return min(self.step / self.schedule_steps, 1.0)
+        return min(self.schedule_step / self.schedule_steps, 1.0)
+
+    @property
+    def at_end(self) -> bool:
+        """True once ``max_steps`` schedule steps are done: the loop stops after this step."""
+        return self.schedule_step >= self.max_steps
 
     @property
     def epoch_float(self) -> float:
-        return self.step / self.steps_per_epoch
+        return self.schedule_step / self.steps_per_epoch
 
 
 def fit(state: FitState, hooks: Sequence[object]) -> FitState:
@@ -78,7 +91,7 @@ def fit(state: FitState, hooks: Sequence[object]) -> FitState:
     model.train()
     try:
         fire("before_fit")
-        while state.step < state.max_steps:
+        while not state.at_end:
             fire("before_epoch")
             for state.inputs, state.targets in state.loader.epoch(state.epoch):
                 fire("before_batch")
@@ -96,7 +109,7 @@ def fit(state: FitState, hooks: Sequence[object]) -> FitState:
                 state.step += 1
                 state.images_seen += len(state.targets)
                 fire("after_step")
-                if state.step >= state.max_steps:
+                if state.at_end:
                     break
             state.epoch += 1
             fire("after_epoch")

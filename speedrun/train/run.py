@@ -25,6 +25,7 @@ from speedrun.techniques.averaging import EMA, Lookahead
 from speedrun.techniques.label_smoothing import smoothed_cross_entropy
 from speedrun.techniques.large_batch import LAMB, LARS, linear_scaled_lr, weight_decay_coefficient
 from speedrun.techniques.normalization import apply_norm_options, norm_biases
+from speedrun.techniques.mixing import MixBatch
 from speedrun.techniques.resizing import ProgressiveResize
 from speedrun.techniques.schedules import LRSchedule
 from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget
@@ -265,7 +266,8 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     train_loader = datalib.ResidentLoader(
         to_dev(images.train_images), to_dev(images.train_labels), batch_size=recipe.train.batch_size,
         train=True, seed=seed, flip=recipe.data.flip, alternating_flip=recipe.data.alternating_flip,
-        translate_px=recipe.data.translate_px, cutout_px=recipe.data.cutout_px, **common)
+        translate_px=recipe.data.translate_px, cutout_px=recipe.data.cutout_px,
+        rrc_scale=recipe.data.rrc_scale or None, rrc_ratio=recipe.data.rrc_ratio, **common)
     test_loader = datalib.ResidentLoader(
         to_dev(images.test_images), to_dev(images.test_labels), batch_size=recipe.eval.batch_size,
         train=False, **common)
@@ -295,17 +297,21 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     smoothing = recipe.train.label_smoothing
     state = FitState(model=net, optimizer=optimizer, autocast=autocast, grad_scaler=scaler,
                      loss_fn=lambda logits, y: smoothed_cross_entropy(logits, y, smoothing),
-                     loader=train_loader, schedule_steps=schedule_steps, max_steps=max_steps)
+                     loader=train_loader, schedule_steps=schedule_steps, max_steps=max_steps,
+                     step_images=recipe.train.batch_size)  # the schedule counts images
     ev = recipe.eval
     evaluator = Evaluator(test_loader, clock=clock, target=recipe.target if stop_at_target else None,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
                           every_s=ev.every_s, start_step=math.ceil(ev.start_frac * schedule_steps),
-                          tta_flip=ev.tta_flip)
+                          tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px)
     hooks: list[object] = [LRSchedule(recipe.schedule, momentum=recipe.optim.momentum),
                            DivergenceGuard(1 if dev.type == "cpu" else 25),
                            evaluator]
     if recipe.data.resize_start_scale < 1.0:
         hooks.insert(0, ProgressiveResize(recipe.data, native=min(images.image_size)))
+    if recipe.data.mixup_alpha > 0 or recipe.data.cutmix_alpha > 0:
+        hooks.insert(0, MixBatch(images.num_classes, mixup_alpha=recipe.data.mixup_alpha,
+                                 cutmix_alpha=recipe.data.cutmix_alpha, prob=recipe.data.mix_prob, seed=seed))
     if recipe.average.kind == "lookahead":
         # Listed after the evaluator: after_* events run in reverse, so evaluations see averaged weights.
         hooks.append(Lookahead(recipe.average))
@@ -328,7 +334,7 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, tota
         best = evaluator.best_accuracy
         outcome = "budget_exhausted"
         detail = (f"schedule of {recipe.train.epochs:g} epochs ended at {best:.2%} < target {recipe.target:.2%}"
-                  if state.step >= state.schedule_steps else
+                  if state.schedule_step >= state.schedule_steps else
                   f"epoch budget ended at epoch {state.epoch_float:.2f}, best {best:.2%}")
     curve = evaluator.curve if evaluator else []
     train_s = clock.elapsed() - clock.eval_s
