@@ -35,6 +35,9 @@ class DataConfig:
     # linearly to full size, which is reached for the last resize_full_frac of training. 1.0: off.
     resize_start_scale: float = 1.0
     resize_full_frac: float = 0.25
+    # resident: the uint8 set lives on the device; stream: it stays memory-mapped on the host and batches
+    # are read ahead by a thread; auto: resident when it takes at most half the device's free memory.
+    loader: Literal["auto", "resident", "stream"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -230,16 +230,22 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
 def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int, budget: Budget,
          clock: Clock, progress: bool, stop_at_target: bool) -> tuple[FitState, Evaluator, nn.Module]:
     torch.manual_seed(seed)
-    images = datalib.load_prepared(prepared.directory)
-    to_dev = functools.partial(torch.as_tensor, device=dev)
+    images = datalib.load_prepared(prepared.directory, mmap=True)  # reads no pixels yet
+    loader_kind = datalib.choose_loader(recipe.data.loader, images.nbytes, dev)
+    if loader_kind == "stream":
+        make_loader = functools.partial(datalib.StreamLoader, device=dev)
+    else:
+        images = datalib.load_prepared(prepared.directory)
+        make_loader = lambda x, y, **kw: datalib.ResidentLoader(torch.as_tensor(x, device=dev),
+                                                                torch.as_tensor(y, device=dev), **kw)
     common = dict(mean=images.mean, std=images.std, channels_last=recipe.train.channels_last)
-    train_loader = datalib.ResidentLoader(
-        to_dev(images.train_images), to_dev(images.train_labels), batch_size=recipe.train.batch_size,
+    train_loader = make_loader(
+        images.train_images, images.train_labels, batch_size=recipe.train.batch_size,
         train=True, seed=seed, flip=recipe.data.flip, alternating_flip=recipe.data.alternating_flip,
         translate_px=recipe.data.translate_px, cutout_px=recipe.data.cutout_px, **common)
-    test_loader = datalib.ResidentLoader(
-        to_dev(images.test_images), to_dev(images.test_labels), batch_size=recipe.eval.batch_size,
-        train=False, **common)
+    # Every rank evaluates the whole test set: the evaluator does not all-reduce its counts.
+    test_loader = make_loader(images.test_images, images.test_labels, batch_size=recipe.eval.batch_size,
+                              train=False, rank=0, world_size=1, **common)
     if len(train_loader) == 0:
         raise ConfigError(f"train.batch_size {recipe.train.batch_size} exceeds the {len(images.train_labels)} "
                           "training images")
@@ -263,7 +269,8 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     smoothing = recipe.train.label_smoothing
     state = FitState(model=net, optimizer=optimizer, autocast=autocast, grad_scaler=scaler,
                      loss_fn=lambda logits, y: smoothed_cross_entropy(logits, y, smoothing),
-                     loader=train_loader, schedule_steps=schedule_steps, max_steps=max_steps)
+                     loader=train_loader, schedule_steps=schedule_steps, max_steps=max_steps,
+                     extras={"loader": loader_kind})
     ev = recipe.eval
     evaluator = Evaluator(test_loader, clock=clock, target=recipe.target if stop_at_target else None,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
@@ -297,6 +304,8 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, tota
                   if state.step >= state.schedule_steps else
                   f"epoch budget ended at epoch {state.epoch_float:.2f}, best {best:.2%}")
     curve = evaluator.curve if evaluator else []
+    if state is not None:
+        env = {**env, "loader": state.extras.get("loader")}  # what data.loader=auto resolved to
     train_s = clock.elapsed() - clock.eval_s
     images_seen = state.images_seen if state else 0
     flops = peak = 0.0
