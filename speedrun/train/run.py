@@ -227,17 +227,20 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
     return result
 
 
-def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int, budget: Budget,
-         clock: Clock, progress: bool, stop_at_target: bool) -> tuple[FitState, Evaluator, nn.Module]:
-    torch.manual_seed(seed)
-    images = datalib.load_prepared(prepared.directory, mmap=True)  # reads no pixels yet
-    loader_kind = datalib.choose_loader(recipe.data.loader, images.nbytes, dev)
-    if loader_kind == "stream":
+def build_loaders(recipe: Recipe, directory: Path, dev: torch.device, seed: int):
+    """``(images, train_loader, test_loader, kind)`` for a prepared cache, as ``train`` uses them.
+
+    ``kind`` is what ``data.loader`` resolved to; ``images`` holds memory maps when it is ``stream``.
+    """
+    images = datalib.load_prepared(directory, mmap=True)  # reads no pixels yet
+    kind = datalib.choose_loader(recipe.data.loader, images.nbytes, dev)
+    if kind == "stream":
         make_loader = functools.partial(datalib.StreamLoader, device=dev)
     else:
-        images = datalib.load_prepared(prepared.directory)
-        make_loader = lambda x, y, **kw: datalib.ResidentLoader(torch.as_tensor(x, device=dev),
-                                                                torch.as_tensor(y, device=dev), **kw)
+        images = datalib.load_prepared(directory)
+
+        def make_loader(x, y, **options):
+            return datalib.ResidentLoader(torch.as_tensor(x, device=dev), torch.as_tensor(y, device=dev), **options)
     common = dict(mean=images.mean, std=images.std, channels_last=recipe.train.channels_last)
     train_loader = make_loader(
         images.train_images, images.train_labels, batch_size=recipe.train.batch_size,
@@ -246,6 +249,13 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     # Every rank evaluates the whole test set: the evaluator does not all-reduce its counts.
     test_loader = make_loader(images.test_images, images.test_labels, batch_size=recipe.eval.batch_size,
                               train=False, rank=0, world_size=1, **common)
+    return images, train_loader, test_loader, kind
+
+
+def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int, budget: Budget,
+         clock: Clock, progress: bool, stop_at_target: bool) -> tuple[FitState, Evaluator, nn.Module]:
+    torch.manual_seed(seed)
+    images, train_loader, test_loader, loader_kind = build_loaders(recipe, prepared.directory, dev, seed)
     if len(train_loader) == 0:
         raise ConfigError(f"train.batch_size {recipe.train.batch_size} exceeds the {len(images.train_labels)} "
                           "training images")
