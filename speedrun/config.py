@@ -51,6 +51,9 @@ class DataConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
+    # resident: the uint8 set lives on the device; stream: it stays memory-mapped on the host and batches
+    # are read ahead by a thread; auto: resident when it takes at most half the device's free memory.
+    loader: Literal["auto", "resident", "stream"] = "auto"
 
 
 @dataclass(frozen=True)

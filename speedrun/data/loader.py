@@ -58,6 +58,15 @@ def translate_batch(images: Tensor, max_px: int, generator: torch.Generator | No
     return padded[batch, chans, rows, cols]
 
 
+def process_shard() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in torch.distributed, or ``(0, 1)`` outside it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def resize_batch(images: Tensor, size: int) -> Tensor:
     """Bilinear, antialiased resize of a batch to ``size`` x ``size`` (a no-op at the current size)."""
     if images.shape[-2:] == (size, size):
@@ -138,7 +147,8 @@ def random_resized_crop_batch(images: Tensor, size: tuple[int, int], *, scale: t
 class ResidentLoader:
     """Batches of (normalized float images, labels) from uint8 tensors already on the device.
 
-    The order of epoch ``e`` depends only on ``(seed, e)``, so a run can resume mid-schedule.
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a run can resume mid-schedule. Under
+    torch.distributed (or given ``rank`` and ``world_size``) each rank serves a disjoint share of it.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, mean: tuple[float, ...],
@@ -146,8 +156,14 @@ class ResidentLoader:
                  alternating_flip: bool = False, translate_px: int = 0, cutout_px: int = 0,
                  rrc_scale: tuple[float, float] | None = None, rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  channels_last: bool = False, drop_last: bool | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, rank: int | None = None,
+                 world_size: int | None = None) -> None:
         self.images, self.labels = images, labels
+        if rank is None and world_size is None:
+            rank, world_size = process_shard()
+        self.rank, self.world_size = 0 if rank is None else rank, 1 if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.flip, self.translate_px = flip and train, translate_px if train else 0
         self.cutout_px = cutout_px if train else 0
@@ -155,7 +171,7 @@ class ResidentLoader:
         self.size: int | None = None  # when set, batches are emitted at size x size (progressive resizing)
         self.channels_last, self.dtype = channels_last, dtype
         self.drop_last = train if drop_last is None else drop_last
-        device = images.device
+        device = self._device = images.device
         # Fused normalization: x * scale + shift, with per-channel constants in pixel units.
         self._scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, -1, 1, 1)
         self._shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
@@ -165,31 +181,55 @@ class ResidentLoader:
             self._flip_base = torch.rand(len(labels), device=device,
                                          generator=torch.Generator(device=device).manual_seed(seed)) < 0.5
 
+    def _batch_slices(self) -> list[slice]:
+        """This rank's batches, as slices of positions in the epoch's order.
+
+        Each step of all ranks together consumes a contiguous stretch of ``batch_size * world_size``
+        positions, rank r taking the r-th ``batch_size`` of it, as a single process with a
+        ``world_size`` times larger batch would. With drop_last every rank gets the same number of
+        full batches and the tail is dropped; without it every example is served once and ranks differ
+        by at most one batch. The batch size is read afresh for every step: a hook may change it
+        between steps (batch scaling with progressive resizing), so call this as the epoch runs.
+        """
+        return list(self._iter_slices())
+
+    def _iter_slices(self) -> Iterator[slice]:
+        n, start = len(self.labels), 0
+        while start < n:
+            size = self.batch_size
+            if self.drop_last and start + size * self.world_size > n:
+                return
+            lo = min(start + self.rank * size, n)
+            if lo < n:
+                yield slice(lo, min(lo + size, n))
+            start += size * self.world_size
+
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self._batch_slices())
 
     @property
     def num_examples(self) -> int:
-        return len(self) * self.batch_size if self.drop_last else len(self.labels)
+        return sum(s.stop - s.start for s in self._iter_slices())
+
+    def epoch_order(self, epoch: int) -> Tensor | None:
+        """The permutation of epoch ``epoch`` (None when not shuffling), the same on every rank.
+
+        It seeds the augmentation generator too; with several ranks that generator is then reseeded
+        per rank, so the ranks do not draw the same flips and shifts for their different images.
+        """
+        if not self.train:
+            return None
+        self._gen.manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.labels), device=self._device, generator=self._gen)
+        if self.world_size > 1:
+            self._gen.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + self.rank)
+        return order
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.labels)
-        if self.train:
-            self._gen.manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(n, device=self.images.device, generator=self._gen)
-        else:
-            order = None
-        start = 0
-        # The batch size is read afresh for every batch: a hook may change it between steps.
-        while start + (self.batch_size if self.drop_last else 1) <= n:
-            stop = start + self.batch_size
-            if order is None:
-                x, y = self.images[start:stop], self.labels[start:stop]
-            else:
-                idx = order[start:stop]
-                x, y = self.images[idx], self.labels[idx]
-            start = stop
+        order = self.epoch_order(epoch)
+        for chunk in self._iter_slices():  # lazily: the batch size may change between batches
+            idx = chunk if order is None else order[chunk]
+            x, y = self.images[idx], self.labels[idx]
             flips = None if self._flip_base is None else alternating_flip_mask(self._flip_base[idx], epoch)
             yield self.transform(x, flips), y
 

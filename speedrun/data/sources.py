@@ -373,11 +373,15 @@ def read_meta(directory: Path) -> dict[str, Any]:
         raise DataError(f"dataset cache {directory} is unreadable ({e}); delete it to prepare again") from None
 
 
-def load_prepared(directory: Path) -> ImageSet:
-    """Read a prepared cache into memory (part of every run, so inside the clock)."""
+def load_prepared(directory: Path, *, mmap: bool = False) -> ImageSet:
+    """Read a prepared cache into memory (part of every run, so inside the clock).
+
+    With ``mmap`` the arrays are read-only memory maps: nothing is read until it is indexed, so a set
+    larger than memory can be streamed (``StreamLoader``) and its size known without reading it.
+    """
     try:
         meta = json.loads((directory / "meta.json").read_text())
-        arrays = {key: np.load(directory / f"{key}.npy") for key in _ARRAYS}
+        arrays = {key: np.load(directory / f"{key}.npy", mmap_mode="r" if mmap else None) for key in _ARRAYS}
     except (OSError, ValueError) as e:
         raise DataError(f"dataset cache {directory} is unreadable ({e}); delete it to prepare again") from None
     return ImageSet(meta["name"], arrays["train_images"], arrays["train_labels"], arrays["test_images"],

@@ -255,22 +255,41 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
     return result
 
 
+def build_loaders(recipe: Recipe, directory: Path, dev: torch.device, seed: int):
+    """``(images, train_loader, test_loader, kind)`` for a prepared cache, as ``train`` uses them.
+
+    ``kind`` is what ``data.loader`` resolved to; ``images`` holds memory maps when it is ``stream``.
+    """
+    images = datalib.load_prepared(directory, mmap=True)  # reads no pixels yet
+    kind = datalib.choose_loader(recipe.data.loader, images.nbytes, dev)
+    if kind == "stream" and recipe.data.resize_scale_batch:
+        raise ConfigError("data.resize_scale_batch needs the resident loader (the stream loader reads batches "
+                          "ahead at a fixed size); the dataset does not fit in memory, or data.loader=stream")
+    if kind == "stream":
+        make_loader = functools.partial(datalib.StreamLoader, device=dev)
+    else:
+        images = datalib.load_prepared(directory)
+
+        def make_loader(x, y, **options):
+            return datalib.ResidentLoader(torch.as_tensor(x, device=dev), torch.as_tensor(y, device=dev), **options)
+    common = dict(mean=images.mean, std=images.std, channels_last=recipe.train.channels_last)
+    train_loader = make_loader(
+        images.train_images, images.train_labels, batch_size=recipe.train.batch_size,
+        train=True, seed=seed, flip=recipe.data.flip, alternating_flip=recipe.data.alternating_flip,
+        translate_px=recipe.data.translate_px, cutout_px=recipe.data.cutout_px,
+        rrc_scale=recipe.data.rrc_scale or None, rrc_ratio=recipe.data.rrc_ratio, **common)
+    # Every rank evaluates the whole test set: the evaluator does not all-reduce its counts.
+    test_loader = make_loader(images.test_images, images.test_labels, batch_size=recipe.eval.batch_size,
+                              train=False, rank=0, world_size=1, **common)
+    return images, train_loader, test_loader, kind
+
+
 def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int, budget: Budget,
          clock: Clock, progress: bool, stop_at_target: bool) -> tuple[FitState, Evaluator, nn.Module]:
     torch.manual_seed(seed)
     if recipe.train.retain_memory:
         retain_freed_memory()
-    images = datalib.load_prepared(prepared.directory)
-    to_dev = functools.partial(torch.as_tensor, device=dev)
-    common = dict(mean=images.mean, std=images.std, channels_last=recipe.train.channels_last)
-    train_loader = datalib.ResidentLoader(
-        to_dev(images.train_images), to_dev(images.train_labels), batch_size=recipe.train.batch_size,
-        train=True, seed=seed, flip=recipe.data.flip, alternating_flip=recipe.data.alternating_flip,
-        translate_px=recipe.data.translate_px, cutout_px=recipe.data.cutout_px,
-        rrc_scale=recipe.data.rrc_scale or None, rrc_ratio=recipe.data.rrc_ratio, **common)
-    test_loader = datalib.ResidentLoader(
-        to_dev(images.test_images), to_dev(images.test_labels), batch_size=recipe.eval.batch_size,
-        train=False, **common)
+    images, train_loader, test_loader, loader_kind = build_loaders(recipe, prepared.directory, dev, seed)
     if len(train_loader) == 0:
         raise ConfigError(f"train.batch_size {recipe.train.batch_size} exceeds the {len(images.train_labels)} "
                           "training images")
@@ -298,7 +317,8 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     state = FitState(model=net, optimizer=optimizer, autocast=autocast, grad_scaler=scaler,
                      loss_fn=lambda logits, y: smoothed_cross_entropy(logits, y, smoothing),
                      loader=train_loader, schedule_steps=schedule_steps, max_steps=max_steps,
-                     step_images=recipe.train.batch_size)  # the schedule counts images
+                     step_images=recipe.train.batch_size,  # the schedule counts images
+                     extras={"loader": loader_kind})
     ev = recipe.eval
     evaluator = Evaluator(test_loader, clock=clock, target=recipe.target if stop_at_target else None,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
@@ -337,6 +357,8 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, tota
                   if state.schedule_step >= state.schedule_steps else
                   f"epoch budget ended at epoch {state.epoch_float:.2f}, best {best:.2%}")
     curve = evaluator.curve if evaluator else []
+    if state is not None:
+        env = {**env, "loader": state.extras.get("loader")}  # what data.loader=auto resolved to
     train_s = clock.elapsed() - clock.eval_s
     images_seen = state.images_seen if state else 0
     flops = peak = 0.0
