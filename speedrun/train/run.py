@@ -8,7 +8,7 @@ import re
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 from torch import nn
@@ -227,10 +227,24 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
     return result
 
 
-def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int, budget: Budget,
-         clock: Clock, progress: bool, stop_at_target: bool) -> tuple[FitState, Evaluator, nn.Module]:
+@dataclass
+class Parts:
+    """A recipe assembled for training: what `train` and `lr-find` build alike."""
+
+    train_loader: datalib.ResidentLoader
+    test_loader: datalib.ResidentLoader
+    model: nn.Module  # the plain module (its weights, its FLOPs)
+    net: nn.Module  # what the loop calls: ``model`` itself or its torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], ContextManager]
+    grad_scaler: torch.amp.GradScaler | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def build_parts(recipe: Recipe, images: datalib.ImageSet, dev: torch.device, precision: str, seed: int) -> Parts:
+    """Loaders, model, optimizer, autocast and loss of ``recipe`` on ``dev``; seeds the global RNG first
+    (model initialisation)."""
     torch.manual_seed(seed)
-    images = datalib.load_prepared(prepared.directory)
     to_dev = functools.partial(torch.as_tensor, device=dev)
     common = dict(mean=images.mean, std=images.std, channels_last=recipe.train.channels_last)
     train_loader = datalib.ResidentLoader(
@@ -250,20 +264,38 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, recipe)
     net = torch.compile(model) if recipe.train.compile else model
+    smoothing = recipe.train.label_smoothing
+    return Parts(train_loader=train_loader, test_loader=test_loader, model=model, net=net, optimizer=optimizer,
+                 autocast=autocast_for(precision, dev),
+                 grad_scaler=torch.amp.GradScaler(dev.type) if precision == "fp16" else None,
+                 loss_fn=lambda logits, y: smoothed_cross_entropy(logits, y, smoothing))
 
-    autocast = contextlib.nullcontext
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        autocast = functools.partial(torch.autocast, dev.type, dtype=dtype)
-    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
+
+def autocast_for(precision: str, dev: torch.device) -> Callable[[], ContextManager]:
+    """A factory of the forward pass's autocast context: none for fp32.
+
+    Under CPU autocast, convs and linears run in bf16; batch norm is not on autocast's lists, so it
+    takes the conv's bf16 output, normalises it with fp32 statistics and fp32 affine parameters,
+    updates fp32 running stats and returns bf16.
+    """
+    if precision not in ("bf16", "fp16"):
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return functools.partial(torch.autocast, dev.type, dtype=dtype)
+
+
+def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int, budget: Budget,
+         clock: Clock, progress: bool, stop_at_target: bool) -> tuple[FitState, Evaluator, nn.Module]:
+    images = datalib.load_prepared(prepared.directory)
+    parts = build_parts(recipe, images, dev, precision, seed)
+    train_loader, test_loader, model = parts.train_loader, parts.test_loader, parts.model
 
     spe = len(train_loader)
     schedule_steps = max(1, math.ceil(recipe.train.epochs * spe))
     max_steps = schedule_steps if budget.epochs is None else min(schedule_steps, math.ceil(budget.epochs * spe))
-    smoothing = recipe.train.label_smoothing
-    state = FitState(model=net, optimizer=optimizer, autocast=autocast, grad_scaler=scaler,
-                     loss_fn=lambda logits, y: smoothed_cross_entropy(logits, y, smoothing),
-                     loader=train_loader, schedule_steps=schedule_steps, max_steps=max_steps)
+    state = FitState(model=parts.net, optimizer=parts.optimizer, autocast=parts.autocast,
+                     grad_scaler=parts.grad_scaler, loss_fn=parts.loss_fn, loader=train_loader,
+                     schedule_steps=schedule_steps, max_steps=max_steps)
     ev = recipe.eval
     evaluator = Evaluator(test_loader, clock=clock, target=recipe.target if stop_at_target else None,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
