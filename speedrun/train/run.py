@@ -15,7 +15,7 @@ from torch import nn
 
 from speedrun import data as datalib
 from speedrun.config import ConfigError, Recipe
-from speedrun.env import cpu_has_native_bf16, environment
+from speedrun.env import compile_problem, cpu_has_native_bf16, environment
 from speedrun.measure.clock import Clock
 from speedrun.measure.flops import matmul_peak, train_flops_per_image
 from speedrun.models import build_model
@@ -187,6 +187,8 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
             raise ConfigError("--threads must be >= 1")
         torch.set_num_threads(threads)
     precision = resolve_precision(recipe.train.precision, dev)
+    if recipe.train.compile and (problem := compile_problem(dev)):
+        raise ConfigError(problem)
 
     # One-time preparation, timed apart from the run.
     source = datalib.resolve(recipe.data.source)
@@ -276,7 +278,7 @@ def autocast_for(precision: str, dev: torch.device) -> Callable[[], ContextManag
 
     Under CPU autocast, convs and linears run in bf16; batch norm is not on autocast's lists, so it
     takes the conv's bf16 output, normalises it with fp32 statistics and fp32 affine parameters,
-    updates fp32 running stats and returns bf16.
+    updates fp32 running stats and returns bf16 (tests/test_precision.py checks this).
     """
     if precision not in ("bf16", "fp16"):
         return contextlib.nullcontext
