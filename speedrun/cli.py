@@ -1,4 +1,4 @@
-"""The ``speedrun`` command: train, recipes, runs, show."""
+"""The ``speedrun`` command: train, lr-find, recipes, runs, show."""
 from __future__ import annotations
 
 import argparse
@@ -144,6 +144,54 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if all(r.reached for r in results) else EXIT_NOT_REACHED
 
 
+# ---------------------------------------------------------------- lr-find
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from speedrun.lr_find import check_range, lr_find, plot_png
+
+    check_range(start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, beta=args.smoothing,
+                diverge_factor=args.diverge_factor)
+    plot = None if args.no_plot else Path(args.plot)
+    if plot is not None and not plot.parent.is_dir():
+        raise ConfigError(f"--plot {plot}: folder {plot.parent} does not exist")
+    r = lr_find(args.recipe, data=args.data, seed=args.seed, device=args.device, threads=args.threads,
+                steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr, beta=args.smoothing,
+                diverge_factor=args.diverge_factor, overrides=_parse_sets(args.set))
+    if plot is not None:
+        plot.write_bytes(plot_png(r))
+    s = r.suggestion
+    if args.json:
+        print(json.dumps({**r.to_dict(), "plot": None if plot is None else str(plot)}))
+    else:
+        out.print(f"LR range test of [bold]{r.recipe}[/] (batch {r.batch_size}): {len(r.lrs)} of {r.steps_planned} "
+                  f"steps, LR {r.lrs[0]:.3g} -> {r.lrs[-1]:.3g}, {r.seconds:.1f} s; {r.outcome}"
+                  + (f": {r.detail}" if r.detail else ""),
+                  highlight=False)
+        unit = f"optim.lr (per {r.lr_batch_size} examples)"
+        rows = [("steepest descent", s.steepest_lr, "  <- suggested"),
+                ("min loss / 10", s.min_loss_lr_div10, ""),
+                ("min loss", s.min_loss_lr, "  (a one-cycle peak rarely goes above this)"),
+                ("recipe's LR", r.recipe_lr, "")]
+        for name, lr, note in rows:
+            value = "-" if lr is None else f"LR {lr:.3g} = {unit} {r.to_optim_lr(lr):.3g}"
+            out.print(f"  {name:<17} {value}{note}", highlight=False)
+        if r.suggested_optim_lr is not None:
+            out.print(f"  try               speedrun train --set optim.lr={r.suggested_optim_lr:.3g}  "
+                      "(a peak LR: the recipe's schedule scales it)", highlight=False)
+        else:
+            out.print("  no suggestion: the smoothed loss never fell; lower --start-lr or raise --end-lr",
+                      highlight=False)
+        if plot is not None:
+            out.print(f"  plot              {plot}", highlight=False)
+        out.print(f"  device            {r.device}, {r.env.get('threads')} threads, {r.precision}, "
+                  f"torch {r.torch_version}", highlight=False)
+    if r.outcome == "interrupted":
+        return EXIT_INTERRUPTED
+    return 0 if r.suggested_lr is not None else EXIT_NOT_REACHED
+
+
 # ---------------------------------------------------------------- recipes, runs, show
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -272,6 +320,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     store_option(t)
     t.set_defaults(func=cmd_train)
+
+    lf = sub.add_parser("lr-find", help="LR range test: train briefly with a growing LR and suggest a peak LR")
+    lf.add_argument("--recipe", default="fashion-mnist", help="built-in recipe name or a .toml file")
+    lf.add_argument("--data", help="dataset: a built-in name or a path (default: the recipe's)")
+    lf.add_argument("--seed", type=int, default=0)
+    lf.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    lf.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    lf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe value, e.g. --set train.batch_size=512 (repeatable)")
+    lf.add_argument("--steps", type=int, default=100, help="training steps of the sweep (default 100, >= 10)")
+    lf.add_argument("--start-lr", type=float, default=1e-5, help="first LR, absolute at the recipe's batch "
+                                                                 "size (default 1e-5)")
+    lf.add_argument("--end-lr", type=float, default=10.0, help="last LR, absolute (default 10)")
+    lf.add_argument("--smoothing", type=float, metavar="BETA",
+                    help="beta of the loss's moving average, in [0, 1) (default 1 - 10/steps: 0.9 at 100 steps)")
+    lf.add_argument("--diverge-factor", type=float, default=4.0,
+                    help="stop once the smoothed loss exceeds this multiple of its best (default 4)")
+    lf.add_argument("--plot", default="lr-find.png", help="PNG to write (default lr-find.png)")
+    lf.add_argument("--no-plot", action="store_true", help="write no plot")
+    lf.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    lf.set_defaults(func=cmd_lr_find)
 
     r = sub.add_parser("recipes", help="list built-in recipes, or show one in full")
     r.add_argument("name", nargs="?")

@@ -39,6 +39,35 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def compile_problem(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot work on ``device`` here, in one line; None when it can.
+
+    TorchInductor turns the graph into C++ on a CPU and into Triton kernels on a GPU, and both
+    are built at run time: without a C++ compiler (or Triton) the first compiled call fails deep
+    inside inductor, after the clock has started. This asks inductor's own compiler search
+    (``$CXX``, else g++), so it agrees with what compilation will do.
+    """
+    import importlib.util
+
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return ("train.compile needs Triton on a GPU and it is not installed; pip install triton, "
+                    "or set train.compile=false")
+        return None
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except Exception as e:  # an inductor that cannot even be imported
+        return f"train.compile cannot work here: TorchInductor fails to import ({type(e).__name__}: {e})"
+    try:
+        get_cpp_compiler()
+    except Exception:  # InvalidCxxCompiler
+        wanted = " or ".join(str(c) for c in inductor_config.cpp.cxx if c)
+        return (f"train.compile needs a C++ compiler for TorchInductor on the CPU and none was found "
+                f"(looked for {wanted}); install g++ or point $CXX at one, or set train.compile=false")
+    return None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

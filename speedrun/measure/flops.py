@@ -34,20 +34,31 @@ def forward_flops_per_image(model: nn.Module, example: Tensor) -> float:
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
-                        repeats: int = 5) -> float:
-    """Best FLOP/s of ``repeats`` n x n matmuls (after a warm-up)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+                        repeats: int = 5, max_s: float = 1.0) -> float:
+    """Best FLOP/s of ``repeats`` n x n matmuls (after a warm-up).
+
+    Where one n x n matmul would take more than ``max_s``, a smaller power-of-two size is used,
+    found by doubling from 256: bf16 on a CPU without native bf16 is emulated at ~1 GFLOP/s, so
+    2048² would cost ~20 s a matmul (minutes in all), while 512² already shows the same rate.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
+
+    def timed(a: Tensor, b: Tensor) -> float:
         t0 = time.perf_counter()
         a @ b
         sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+        return time.perf_counter() - t0
+
+    size = min(256, n)
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        timed(a, b)  # warm-up: library initialisation, allocator
+        if size * 2 > n or timed(a, b) * 8 > max_s:  # the next size costs ~8x
+            break
+        size *= 2
+    best = min(timed(a, b) for _ in range(repeats))
+    return 2 * size**3 / best
 
 
 def matmul_peak(device: torch.device, device_name: str, dtype: torch.dtype = torch.float32) -> float:

@@ -8,14 +8,14 @@ import re
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 from torch import nn
 
 from speedrun import data as datalib
 from speedrun.config import ConfigError, Recipe
-from speedrun.env import cpu_has_native_bf16, environment
+from speedrun.env import compile_problem, cpu_has_native_bf16, environment
 from speedrun.measure.clock import Clock
 from speedrun.measure.flops import matmul_peak, train_flops_per_image
 from speedrun.models import build_model
@@ -211,6 +211,8 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
             raise ConfigError("--threads must be >= 1")
         torch.set_num_threads(threads)
     precision = resolve_precision(recipe.train.precision, dev)
+    if recipe.train.compile and (problem := compile_problem(dev)):
+        raise ConfigError(problem)
 
     # One-time preparation, timed apart from the run.
     if not recipe.data.source:
@@ -284,12 +286,29 @@ def build_loaders(recipe: Recipe, directory: Path, dev: torch.device, seed: int)
     return images, train_loader, test_loader, kind
 
 
-def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int, budget: Budget,
-         clock: Clock, progress: bool, stop_at_target: bool) -> tuple[FitState, Evaluator, nn.Module]:
+@dataclass
+class Parts:
+    """A recipe assembled for training: what `train` and `lr-find` build alike."""
+
+    images: datalib.ImageSet  # memory maps when the loaders stream
+    loader_kind: str  # what data.loader resolved to: resident or stream
+    train_loader: datalib.ResidentLoader
+    test_loader: datalib.ResidentLoader
+    model: nn.Module  # the plain module (its weights, its FLOPs)
+    net: nn.Module  # what the loop calls: ``model`` itself or its torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], ContextManager]
+    grad_scaler: torch.amp.GradScaler | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: str, seed: int) -> Parts:
+    """Loaders, model, optimizer, autocast and loss of ``recipe`` on ``dev``; seeds the global RNG first
+    (model initialisation)."""
     torch.manual_seed(seed)
     if recipe.train.retain_memory:
         retain_freed_memory()
-    images, train_loader, test_loader, loader_kind = build_loaders(recipe, prepared.directory, dev, seed)
+    images, train_loader, test_loader, loader_kind = build_loaders(recipe, directory, dev, seed)
     if len(train_loader) == 0:
         raise ConfigError(f"train.batch_size {recipe.train.batch_size} exceeds the {len(images.train_labels)} "
                           "training images")
@@ -303,22 +322,40 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, recipe)
     net = torch.compile(model) if recipe.train.compile else model
+    smoothing = recipe.train.label_smoothing
+    return Parts(images=images, loader_kind=loader_kind, train_loader=train_loader, test_loader=test_loader,
+                 model=model, net=net, optimizer=optimizer,
+                 autocast=autocast_for(precision, dev),
+                 grad_scaler=torch.amp.GradScaler(dev.type) if precision == "fp16" else None,
+                 loss_fn=lambda logits, y: smoothed_cross_entropy(logits, y, smoothing))
 
-    autocast = contextlib.nullcontext
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        autocast = functools.partial(torch.autocast, dev.type, dtype=dtype)
-    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
+
+def autocast_for(precision: str, dev: torch.device) -> Callable[[], ContextManager]:
+    """A factory of the forward pass's autocast context: none for fp32.
+
+    Under CPU autocast, convs and linears run in bf16; batch norm is not on autocast's lists, so it
+    takes the conv's bf16 output, normalises it with fp32 statistics and fp32 affine parameters,
+    updates fp32 running stats and returns bf16 (tests/test_precision.py checks this).
+    """
+    if precision not in ("bf16", "fp16"):
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return functools.partial(torch.autocast, dev.type, dtype=dtype)
+
+
+def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int, budget: Budget,
+         clock: Clock, progress: bool, stop_at_target: bool) -> tuple[FitState, Evaluator, nn.Module]:
+    parts = build_parts(recipe, prepared.directory, dev, precision, seed)
+    images, train_loader, test_loader, model = parts.images, parts.train_loader, parts.test_loader, parts.model
 
     spe = len(train_loader)
     schedule_steps = max(1, math.ceil(recipe.train.epochs * spe))
     max_steps = schedule_steps if budget.epochs is None else min(schedule_steps, math.ceil(budget.epochs * spe))
-    smoothing = recipe.train.label_smoothing
-    state = FitState(model=net, optimizer=optimizer, autocast=autocast, grad_scaler=scaler,
-                     loss_fn=lambda logits, y: smoothed_cross_entropy(logits, y, smoothing),
-                     loader=train_loader, schedule_steps=schedule_steps, max_steps=max_steps,
+    state = FitState(model=parts.net, optimizer=parts.optimizer, autocast=parts.autocast,
+                     grad_scaler=parts.grad_scaler, loss_fn=parts.loss_fn, loader=train_loader,
+                     schedule_steps=schedule_steps, max_steps=max_steps,
                      step_images=recipe.train.batch_size,  # the schedule counts images
-                     extras={"loader": loader_kind})
+                     extras={"loader": parts.loader_kind})
     ev = recipe.eval
     evaluator = Evaluator(test_loader, clock=clock, target=recipe.target if stop_at_target else None,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
