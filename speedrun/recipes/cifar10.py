@@ -31,3 +31,19 @@ def cifar10_94() -> Recipe:
         # One evaluation, at the end, as airbench: before the final anneal it is well short of 94%.
         eval=EvalConfig(every_epochs=1.0, start_frac=1.0, batch_size=2000, tta_flip=True),
     )
+
+
+def cifar10_cpu() -> Recipe:
+    """cifar10-94's design shrunk for a 2-core CPU: a quarter of the widths, a few epochs, batch 512."""
+    base = cifar10_94()
+    return base.override({
+        "name": "cifar10-cpu",
+        "description": "airbench-style net at 32/64/128 widths for a 2-core CPU: whitened stem, dirac init, "
+                       "Nesterov SGD, lookahead, alternating flip, translate, flip-TTA; 5 epochs",
+        "target": 0.85,
+        "model.widths": (32, 64, 128),
+        "train.batch_size": 512,
+        "train.epochs": 5.0,
+        "train.retain_memory": True,
+        "eval.batch_size": 1000,
+    })
