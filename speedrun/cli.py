@@ -249,8 +249,12 @@ def _open_store(args) -> RunStore:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    runs = _open_store(args).list_runs(recipe=args.recipe, outcome=args.outcome, group=args.group,
-                                       limit=args.limit)
+    store = _open_store(args)
+    if args.mark_lost:
+        lost = store.mark_lost()
+        err.print(f"speedrun: recorded {len(lost)} run(s) as lost" + (f": {', '.join(lost)}" if lost else ""),
+                  highlight=False)
+    runs = store.list_runs(recipe=args.recipe, outcome=args.outcome, group=args.group, limit=args.limit)
     if args.json:
         print(json.dumps(runs))
         return 0
@@ -265,7 +269,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
                       f"{s['epochs']:.2f}" if "epochs" in s else "-", run["device"] or "-")
     out.print(table)
     if not runs:
-        out.print(f"[dim]no runs in {_open_store(args).path} match[/]")
+        out.print(f"[dim]no runs in {store.path} match[/]")
     return 0
 
 
@@ -356,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--outcome", choices=OUTCOMES)
     ls.add_argument("--group", help="runs of one multi-seed group")
     ls.add_argument("--limit", type=positive_int, default=50)
+    ls.add_argument("--mark-lost", action="store_true",
+                    help="record runs shown as lost (running, but their process on this host is gone) as lost "
+                         "for good; listing alone never writes")
     ls.add_argument("--json", action="store_true")
     store_option(ls)
     ls.set_defaults(func=cmd_runs)

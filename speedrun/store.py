@@ -1,11 +1,16 @@
 """The run store: one embedded SQLite database of runs (``$SPEEDRUN_HOME/runs.sqlite`` by default).
 
-A run is inserted when it starts (outcome ``running``) and updated when it ends, so a run that is
-interrupted or fails is still there with its curve so far.
+A run is inserted when it starts (outcome ``running``, with its pid and host), each evaluation point is
+appended to ``run_points`` as it is measured, and the run is updated when it ends. A run that is
+interrupted or fails is updated with its curve so far; one killed outright (SIGKILL, the OOM killer)
+keeps its points, and reads back as ``lost`` once its process is gone from this host.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import sqlite3
 import uuid
 from datetime import datetime, timezone
@@ -28,10 +33,19 @@ CREATE TABLE IF NOT EXISTS runs (
     recipe_json TEXT NOT NULL,
     env_json TEXT NOT NULL,
     curve_json TEXT NOT NULL DEFAULT '[]',
-    summary_json TEXT NOT NULL DEFAULT '{}'
+    summary_json TEXT NOT NULL DEFAULT '{}',
+    pid INTEGER,
+    host TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_recipe ON runs (recipe_name, created_at);
 CREATE INDEX IF NOT EXISTS runs_group ON runs (group_id);
+-- Evaluation points of unfinished runs, appended as measured (rowid order); moved into
+-- runs.curve_json when the run ends.
+CREATE TABLE IF NOT EXISTS run_points (
+    run_id TEXT NOT NULL,
+    point_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_points_run ON run_points (run_id);
 -- Ablations (speedrun ablate): the plan, its progress and result; the runs are linked by variant and seed.
 CREATE TABLE IF NOT EXISTS ablations (
     id TEXT PRIMARY KEY,
@@ -62,7 +76,8 @@ CREATE TABLE IF NOT EXISTS run_metrics (
 );
 """
 
-OUTCOMES = ("running", "reached", "budget_exhausted", "diverged", "interrupted", "failed")
+OUTCOMES = ("running", "reached", "budget_exhausted", "diverged", "interrupted", "failed", "lost")
+_ADDED_COLUMNS = {"runs": {"pid": "INTEGER", "host": "TEXT"}}  # columns newer than the first schema
 
 
 class StoreError(RuntimeError):
@@ -79,7 +94,9 @@ class RunStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=30)
+            _use_wal(self._db, self.path)
             self._db.executescript(_SCHEMA)
+            _migrate(self._db)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot open the run store at {self.path}: {e} "
                              "(set --store or SPEEDRUN_STORE to a writable file)") from None
@@ -89,39 +106,75 @@ class RunStore:
         self._db.close()
 
     def _write(self, sql: str, params: tuple) -> None:
+        self._write_many([(sql, params)])
+
+    def _write_many(self, statements: list[tuple[str, tuple]]) -> None:
+        """Run ``statements`` in one transaction: all or none."""
         try:
             with self._db:
-                self._db.execute(sql, params)
+                for sql, params in statements:
+                    self._db.execute(sql, params)
         except sqlite3.Error as e:
             raise StoreError(f"cannot write to the run store at {self.path}: {e}") from None
 
     def start_run(self, *, run_id: str, recipe_name: str, recipe: dict, env: dict, target: float | None,
                   seed: int, group_id: str | None = None) -> None:
+        """Insert the run as ``running``, owned by this process on this host (so it can be found lost)."""
         self._write(
             "INSERT INTO runs (id, group_id, created_at, recipe_name, target, seed, outcome, device,"
-            " recipe_json, env_json) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+            " recipe_json, env_json, pid, host) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?)",
             (run_id, group_id, datetime.now(timezone.utc).isoformat(timespec="seconds"), recipe_name,
-             target, seed, env.get("device_name"), json.dumps(recipe), json.dumps(env)))
+             target, seed, env.get("device_name"), json.dumps(recipe), json.dumps(env), os.getpid(),
+             socket.gethostname()))
+
+    def add_point(self, run_id: str, point: dict) -> None:
+        """Append one evaluation point of a running run: a single INSERT, committed (WAL: no fsync)."""
+        self._write("INSERT INTO run_points (run_id, point_json) VALUES (?, ?)", (run_id, json.dumps(point)))
 
     def finish_run(self, run_id: str, *, outcome: str, detail: str, summary: dict, curve: list[dict]) -> None:
         if outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}")
-        self._write(
-            "UPDATE runs SET outcome = ?, detail = ?, time_to_accuracy_s = ?, best_accuracy = ?,"
-            " summary_json = ?, curve_json = ? WHERE id = ?",
-            (outcome, detail, summary.get("time_to_accuracy_s"), summary.get("best_accuracy"),
-             json.dumps(summary), json.dumps(curve), run_id))
+        self._write_many([
+            ("UPDATE runs SET outcome = ?, detail = ?, time_to_accuracy_s = ?, best_accuracy = ?,"
+             " summary_json = ?, curve_json = ? WHERE id = ?",
+             (outcome, detail, summary.get("time_to_accuracy_s"), summary.get("best_accuracy"),
+              json.dumps(summary), json.dumps(curve), run_id)),
+            ("DELETE FROM run_points WHERE run_id = ?", (run_id,))])  # the full curve is in curve_json now
+
+    def mark_lost(self) -> list[str]:
+        """Record every run that reads back as ``lost`` as such, with its partial curve; their ids.
+
+        Listing never writes; this makes the verdict permanent, so a later process that happens to
+        reuse the dead run's pid cannot make it look ``running`` again.
+        """
+        rows = self._db.execute("SELECT * FROM runs WHERE outcome = 'running'").fetchall()
+        lost = [run for run in map(self._row, rows) if run["outcome"] == "lost"]
+        for run in lost:
+            self._write_many([
+                ("UPDATE runs SET outcome = 'lost', detail = ?, best_accuracy = ?, curve_json = ?"
+                 " WHERE id = ? AND outcome = 'running'",
+                 (run["detail"], run["best_accuracy"], json.dumps(run["curve"]), run["id"])),
+                ("DELETE FROM run_points WHERE run_id = ?", (run["id"],))])
+        return [run["id"] for run in lost]
 
     def list_runs(self, *, recipe: str | None = None, outcome: str | None = None, group: str | None = None,
                   limit: int | None = 50) -> list[dict[str, Any]]:
+        """Stored runs, newest first. ``outcome`` filters on the outcome as read back: a ``running`` run
+        whose process is gone from this host counts as ``lost``."""
+        live = outcome in ("running", "lost")  # decided per row, after reading, so LIMIT comes after too
         where, params = [], []
-        for column, value in (("recipe_name", recipe), ("outcome", outcome), ("group_id", group)):
+        for column, value in (("recipe_name", recipe), ("outcome", None if live else outcome), ("group_id", group)):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
+        if live:
+            where.append("outcome IN ('running', 'lost')")
         sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY created_at DESC, rowid DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        return [self._row(r) for r in self._db.execute(sql, params)]
+        sql += " ORDER BY created_at DESC, rowid DESC" + (f" LIMIT {int(limit)}" if limit and not live else "")
+        runs = [self._row(r) for r in self._db.execute(sql, params).fetchall()]
+        if live:
+            runs = [r for r in runs if r["outcome"] == outcome][:limit or None]
+        return runs
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         """The run whose id starts with ``run_id`` (a unique prefix is enough)."""
@@ -132,11 +185,22 @@ class RunStore:
             raise StoreError(f"run id prefix {run_id!r} is ambiguous; give more characters")
         return self._row(rows[0])
 
-    @staticmethod
-    def _row(row: sqlite3.Row) -> dict[str, Any]:
+    def _row(self, row: sqlite3.Row) -> dict[str, Any]:
+        """A stored run as a dict. An unfinished run gets its curve so far from ``run_points``, and
+        reads as ``lost`` when it was started on this host by a process that no longer exists; runs of
+        other hosts, or stored before pids were recorded, cannot be checked and stay ``running``."""
         run = dict(row)
         for key in ("recipe", "env", "curve", "summary"):
             run[key] = json.loads(run.pop(f"{key}_json"))
+        if run["outcome"] != "running":
+            return run
+        run["curve"] = [json.loads(p) for (p,) in self._db.execute(
+            "SELECT point_json FROM run_points WHERE run_id = ? ORDER BY rowid", (run["id"],))]
+        if run["host"] == socket.gethostname() and run["pid"] is not None and not _process_alive(run["pid"]):
+            run["outcome"] = "lost"
+            run["detail"] = (f"process {run['pid']} on {run['host']} ended without recording an outcome "
+                             f"(killed: SIGKILL, out of memory?); {len(run['curve'])} evaluation point(s) kept")
+            run["best_accuracy"] = max((p["accuracy"] for p in run["curve"]), default=None)
         return run
 
     # ------------------------------------------------------------ ablations and run metrics
@@ -213,3 +277,64 @@ class RunStore:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _use_wal(db: sqlite3.Connection, path: Path) -> None:
+    """Write-ahead logging: a commit appends to the log without fsync (synchronous=NORMAL: durable
+    against a killed process, which is what the per-evaluation writes guard against, not against
+    power loss), and readers (``speedrun runs`` during a run) never block the run's writes. On a
+    network file system (WAL's shared memory is not coherent across hosts) or where WAL is
+    unavailable, the store keeps its rollback journal: correct, with commits of ~20 ms."""
+    if _network_fs(path):
+        return
+    with contextlib.suppress(sqlite3.Error):
+        if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+            db.execute("PRAGMA synchronous=NORMAL")
+
+
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "fuse.sshfs")
+
+
+def _network_fs(path: Path, mounts_text: str | None = None) -> bool:
+    """Whether ``path`` lies on a network file system, by the longest matching mount in
+    ``mounts_text`` (default: /proc/mounts, Linux); False where that cannot be told."""
+    try:
+        text = Path("/proc/mounts").read_text() if mounts_text is None else mounts_text
+        mounts = [line.split()[1:3] for line in text.splitlines() if len(line.split()) >= 3]
+        target = str(path.resolve())
+    except OSError:
+        return False
+    found = [(len(m), kind) for m, kind in mounts if target == m or target.startswith(m.rstrip("/") + "/")]
+    return bool(found) and max(found)[1] in NETWORK_FS
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add the columns a store created by an older speedrun lacks (new tables come from the schema)."""
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        for name, kind in columns.items():
+            if name not in have:
+                try:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as e:  # another process migrated it first
+                    if "duplicate column" not in str(e):
+                        raise
+    db.commit()
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (and is not a zombie awaiting its parent).
+
+    Off POSIX the answer is always True (unknown): ``os.kill`` there would terminate the process.
+    """
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    with contextlib.suppress(OSError, IndexError):  # Linux: a killed child not yet reaped is a zombie
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -47,12 +48,14 @@ class Evaluator:
 
     Cadence: every ``every_steps`` steps and/or every ``every_s`` seconds, never before
     ``start_step``, and always at the last step. Evaluation time is tallied by the clock.
+    ``on_point`` is called with each point as it is measured (the run store records it there, so a
+    killed run keeps its curve); its time is tallied as evaluation time, after the point's clock read.
     """
 
     def __init__(self, loader, *, clock: Clock, target: float | None, every_steps: int = 0,
                  every_s: float = 0.0, start_step: int = 0, tta_flip: bool = False,
-                 tta_translate_px: int = 0) -> None:
-        self.loader, self.clock, self.target = loader, clock, target
+                 tta_translate_px: int = 0, on_point: Callable[[EvalPoint], None] | None = None) -> None:
+        self.loader, self.clock, self.target, self.on_point = loader, clock, target, on_point
         self.every_steps, self.every_s, self.start_step = every_steps, every_s, start_step
         self.tta_flip, self.tta_translate_px = tta_flip, tta_translate_px
         self.curve: list[EvalPoint] = []
@@ -95,6 +98,9 @@ class Evaluator:
         self._loss_sum, self._loss_count = 0.0, 0
         point = EvalPoint(elapsed, state.epoch_float, state.step, accuracy, test_loss, train_loss)
         self.curve.append(point)
+        if self.on_point is not None:
+            with self.clock.evaluating():
+                self.on_point(point)
         self.best_accuracy = max(self.best_accuracy, accuracy)
         state.extras["last_accuracy"] = accuracy
         if self.target is not None and accuracy >= self.target:

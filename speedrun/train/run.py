@@ -230,6 +230,7 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
                             target=recipe.target, seed=seed, group_id=group_id)
 
     clock = Clock(sync=torch.cuda.synchronize if dev.type == "cuda" else None)
+    on_point = _point_recorder(run_store, run_id) if run_store else None
     state: FitState | None = None
     evaluator: Evaluator | None = None
     error: str | None = None
@@ -237,7 +238,7 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
     clock.start()  # MLPerf: before the dataset is touched
     try:
         state, evaluator, model = _run(recipe, prepared, dev, precision, seed, budget, clock, progress,
-                                       stop_at_target)
+                                       stop_at_target, on_point)
     except KeyboardInterrupt:
         error = "interrupted before training started"
     except Exception as e:  # recorded as a failed run, never lost
@@ -255,6 +256,22 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
         except StoreError as e:  # the training result must not be lost with the store
             result.store_error = str(e)
     return result
+
+
+def _point_recorder(store: RunStore, run_id: str) -> Callable[[EvalPoint], None]:
+    """Writes each evaluation point to the store as it is measured, so a run killed outright keeps
+    its curve. A failing write stops the recording, never the run: the final write still records
+    the whole curve."""
+    failed = False
+
+    def record(point: EvalPoint) -> None:
+        nonlocal failed
+        if not failed:
+            try:
+                store.add_point(run_id, asdict(point))
+            except StoreError:
+                failed = True
+    return record
 
 
 def build_loaders(recipe: Recipe, directory: Path, dev: torch.device, seed: int):
@@ -344,7 +361,8 @@ def autocast_for(precision: str, dev: torch.device) -> Callable[[], ContextManag
 
 
 def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int, budget: Budget,
-         clock: Clock, progress: bool, stop_at_target: bool) -> tuple[FitState, Evaluator, nn.Module]:
+         clock: Clock, progress: bool, stop_at_target: bool,
+         on_point: Callable[[EvalPoint], None] | None = None) -> tuple[FitState, Evaluator, nn.Module]:
     parts = build_parts(recipe, prepared.directory, dev, precision, seed)
     images, train_loader, test_loader, model = parts.images, parts.train_loader, parts.test_loader, parts.model
 
@@ -360,7 +378,7 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     evaluator = Evaluator(test_loader, clock=clock, target=recipe.target if stop_at_target else None,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
                           every_s=ev.every_s, start_step=math.ceil(ev.start_frac * schedule_steps),
-                          tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px)
+                          tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px, on_point=on_point)
     hooks: list[object] = [LRSchedule(recipe.schedule, momentum=recipe.optim.momentum),
                            DivergenceGuard(1 if dev.type == "cpu" else 25),
                            evaluator]
