@@ -1,7 +1,18 @@
 """Datasets: sources, the one-time uint8 cache, the device-resident and the streaming loader."""
-from speedrun.data.loader import ResidentLoader, flip_batch, process_shard, translate_batch
-from speedrun.data.sources import DataError, ImageSet, Prepared, load_prepared, prepare, resolve
-from speedrun.data.stream import StreamLoader, available_memory, choose_loader
+from speedrun.lazy import lazy_attributes
 
-__all__ = ["DataError", "ImageSet", "Prepared", "ResidentLoader", "StreamLoader", "available_memory",
-           "choose_loader", "flip_batch", "load_prepared", "prepare", "process_shard", "resolve", "translate_batch"]
+
+class DataError(RuntimeError):
+    """Missing, unreadable or malformed data; the message says what and how to fix it."""
+
+
+# The loaders import torch and the sources numpy: they load on first use (see speedrun.lazy).
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "loader": ("ResidentLoader", "flip_batch", "process_shard", "translate_batch"),
+    "sources": ("ImageSet", "Prepared", "cache_path", "load_prepared", "prepare", "read_meta", "resolve"),
+    "stream": ("StreamLoader", "available_memory", "choose_loader"),
+})
+
+__all__ = ["DataError", "ImageSet", "Prepared", "ResidentLoader", "StreamLoader", "available_memory", "cache_path",
+           "choose_loader", "flip_batch", "load_prepared", "prepare", "process_shard", "read_meta", "resolve",
+           "translate_batch"]

@@ -13,8 +13,9 @@ from typing import Any, Sequence
 
 from rich.console import Console
 
+from speedrun import data as datalib  # its names load on first use: `speedrun --help` needs no numpy
 from speedrun.argtypes import positive_int
-from speedrun.data.sources import DataError, cache_path, prepare, read_meta, resolve
+from speedrun.data import DataError
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -32,7 +33,7 @@ def _fraction(text: str) -> float:
 
 def cache_info(directory: Path) -> dict[str, Any]:
     """What a prepared cache holds, from its meta.json and its files (caches of any version)."""
-    meta = read_meta(directory)
+    meta = datalib.read_meta(directory)
     size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
     return {"name": meta["name"], "cache": str(directory), "source": meta.get("source"),
             "source_type": meta.get("source_type"), "fingerprint": meta.get("fingerprint"),
@@ -88,11 +89,11 @@ def _print_info(info: dict[str, Any]) -> None:
 
 
 def _source(args: argparse.Namespace, **kwargs):
-    return resolve(args.path, max_size=args.max_size, holdout_frac=args.holdout_frac, **kwargs)
+    return datalib.resolve(args.path, max_size=args.max_size, holdout_frac=args.holdout_frac, **kwargs)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    prepared = prepare(_source(args, strict=args.strict, workers=args.workers))
+    prepared = datalib.prepare(_source(args, strict=args.strict, workers=args.workers))
     info = {**cache_info(prepared.directory), "built": prepared.built}
     if args.json:
         print(json.dumps(info))
@@ -110,7 +111,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if (given / "meta.json").is_file():  # a cache folder itself
         directory = given
     else:
-        directory = cache_path(_source(args, download=False))
+        directory = datalib.cache_path(_source(args, download=False))
         if not (directory / "meta.json").is_file():
             raise DataError(f"{args.path} is not prepared (no cache at {directory}); "
                             f"run `speedrun data prepare {args.path}` first")

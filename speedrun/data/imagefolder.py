@@ -339,9 +339,12 @@ def _results(tasks: list, processes: int) -> Iterator[Chunk]:
         return
     # Not plain fork: forking a process that runs other threads (torch's pool, a progress bar) can copy
     # a held lock into a worker, which then never starts (seen as a hung test). forkserver forks
-    # workers from a clean single-threaded server instead.
+    # workers from a clean single-threaded server instead. The server imports this module (numpy, Pillow;
+    # not torch, see speedrun.lazy) once, so each worker it forks starts with it loaded.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["__main__", __name__])
     with ctx.Pool(processes, initializer=_ignore_sigint) as pool:  # leaving the block terminates the workers
         yield from pool.imap(_decode_chunk, tasks)  # in order, so the cache order is deterministic
 

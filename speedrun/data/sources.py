@@ -21,11 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from speedrun import paths
+from speedrun.data import DataError
 from speedrun.data.idx import IdxError, read_idx
-
-
-class DataError(RuntimeError):
-    """Missing, unreadable or malformed data; the message says what and how to fix it."""
 
 
 @dataclass(frozen=True)
