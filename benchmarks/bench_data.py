@@ -190,7 +190,7 @@ def memory_child(kind: str, epochs: float, source: str | None, device: str) -> d
         labels = torch.randint(0, shapes.num_classes, (recipe.train.batch_size,), device=dev)
         warm.step(batch(recipe.train.batch_size), labels)
     test_batch = (batch(recipe.eval.batch_size), torch.zeros(recipe.eval.batch_size, dtype=torch.long, device=dev))
-    evaluate(warm.model, SimpleNamespace(epoch=lambda e: [test_batch]), tta_flip=recipe.eval.tta_flip,
+    evaluate(warm.model, SimpleNamespace(epoch=lambda e, b=test_batch: [b]), tta_flip=recipe.eval.tta_flip,
              autocast=warm.autocast)
     # The model's own state: parameters, gradients, and the optimizer's buffers after a step.
     tensors = [*warm.model.parameters(), *(p.grad for p in warm.model.parameters() if p.grad is not None),

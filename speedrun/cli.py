@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 import uuid
 from typing import Any, Sequence
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 
-import torch
+import torch  # noqa: F401  (the doctests use it)
 import torch.nn.functional as F
 from torch import Tensor
 
