@@ -44,6 +44,5 @@ def cifar10_cpu() -> Recipe:
         "model.widths": (32, 64, 128),
         "train.batch_size": 512,
         "train.epochs": 5.0,
-        "train.retain_memory": True,
         "eval.batch_size": 1000,
     })

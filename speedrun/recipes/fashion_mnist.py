@@ -21,7 +21,7 @@ def fashion_mnist() -> Recipe:
                           weight_decay=5e-4),
         schedule=ScheduleConfig(kind="one-cycle", warmup_frac=0.2, start_factor=0.0, end_factor=0.0),
         train=TrainConfig(epochs=2.25, batch_size=256, label_smoothing=0.1, channels_last=True,
-                          precision="auto", retain_memory=True),
+                          precision="auto"),
         # One evaluation, at the end of the schedule: before the LR has annealed, accuracy is well short
         # of 92%, so earlier evaluations would only cost time.
         eval=EvalConfig(every_epochs=0.25, start_frac=1.0, tta_flip=True),

@@ -2,12 +2,15 @@
 
 A training step allocates and frees the same large activation and gradient buffers each
 iteration. glibc's malloc serves big blocks with ``mmap`` and returns them with ``munmap`` (or
-trims the heap top), so every step page-faults tens of MB back in and the kernel zeroes them:
-on the default Fashion-MNIST recipe that was ~700-2,300 minor faults and ~10-20% of step time on
-a 2-core EPYC (measured in BENCHMARKS.md). PyTorch's CPU allocator has no cache of its own; the
-usual fix is an LD_PRELOADed jemalloc/tcmalloc (Intel's CPU tuning guide). Raising glibc's mmap
-and trim thresholds with ``mallopt`` gets the same effect from inside the process, so the
-toolkit can switch it on per recipe.
+trims the heap top), so every step page-faults memory back in and the kernel zeroes it. PyTorch's
+CPU allocator has no cache of its own; the usual fix is an LD_PRELOADed jemalloc/tcmalloc (Intel's
+CPU tuning guide). Raising glibc's mmap and trim thresholds with ``mallopt`` gets the same effect
+from inside the process, so a recipe can switch it on.
+
+Measured on the default Fashion-MNIST step (2-core EPYC, benchmarks/bench_step.py, BENCHMARKS.md):
+it removes ~98% of the page faults (~1,500 -> ~20 per step) but the step time moves by no more than
+the machine's noise (median ratio 0.97-1.01x over 5 pairs), so no built-in recipe enables it. It may
+pay where activations are larger or page faults dearer (VMs, many threads).
 
 The setting is process-wide and cannot be undone exactly (setting the thresholds back disables
 glibc's dynamic threshold, which is worse than never having touched them), so runs that follow

@@ -143,7 +143,7 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "retain-memory",
         "keeps freed blocks in the process (glibc mallopt) so steps stop page-faulting their buffers back in",
         "jemalloc/tcmalloc advice in Intel's PyTorch CPU tuning guide; done here in-process",
-        "CPU training with large activations; glibc (Linux) only, a no-op elsewhere",
+        "CPU training where page faults are dear (measure it: ~1x on this project's 2-core EPYC); glibc only",
         "memory is not returned to the OS until exit; process-wide, stays on for later runs in the process",
         "train.retain_memory",
         lambda r: r.train.retain_memory,
