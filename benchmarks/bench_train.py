@@ -38,10 +38,10 @@ from speedrun.train.run import build_optimizer, resolve_recipe
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def time_to_accuracy(recipe_name: str, seeds: int, store: Path) -> tuple[list, str]:
+def time_to_accuracy(recipe_name: str, seeds: int, store: Path, data: str | None = None) -> tuple[list, str]:
     results = []
     for seed in range(seeds):
-        r = speedrun.train(recipe_name, seed=seed, store=store)
+        r = speedrun.train(recipe_name, data=data, seed=seed, store=store)
         results.append(r)
         print(f"  seed {seed}: {r.outcome:<16} tta {r.time_to_accuracy_s or float('nan'):6.1f} s  "
               f"best {r.best_accuracy:.2%}  epochs {r.epochs:.2f}  {r.images_per_s:,.0f} img/s  "
@@ -192,6 +192,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="fashion-mnist")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--data", help="dataset path (default: the recipe's data.source)")
     parser.add_argument("--overhead-steps", type=int, default=100)
     parser.add_argument("--overhead-repeats", type=int, default=5)
     parser.add_argument("--skip-overhead", action="store_true")
@@ -202,7 +203,7 @@ def main() -> int:
     print(f"{env['device_name']}, torch {env['torch_version']}, {env['threads']} threads, code {env['code_version']}")
     with tempfile.TemporaryDirectory() as tmp:
         print(f"time-to-accuracy, {args.seeds} seeds:")
-        _, tta = time_to_accuracy(args.recipe, args.seeds, Path(tmp) / "runs.sqlite")
+        _, tta = time_to_accuracy(args.recipe, args.seeds, Path(tmp) / "runs.sqlite", args.data)
     print(tta)
     over = ""
     if not args.skip_overhead:
@@ -216,7 +217,7 @@ def main() -> int:
     if args.write:
         body = (f"## `speedrun train --recipe {args.recipe}`\n\n"
                 f"Measured {date.today()} with `benchmarks/bench_train.py --recipe {args.recipe} --seeds "
-                f"{args.seeds}` on {env['device_name']}, {env['threads']} threads, torch {env['torch_version']}, "
+                f"{args.seeds}{f' --data {args.data}' if args.data else ''}` on {env['device_name']}, {env['threads']} threads, torch {env['torch_version']}, "
                 f"code {env['code_version']}. Timed region: from before the prepared dataset is read to the end of "
                 f"the first evaluation at or above target (model creation, training, every evaluation included).\n\n"
                 f"{tta}\n" + (f"\n### Trainer overhead\n\n{over}\n" if over else ""))

@@ -75,6 +75,9 @@ class ModelConfig:
     stem: Literal["conv", "whiten", "small"] = "conv"
     stem_kernel: int = 2  # airbench: side of the stem conv's square kernel
     whiten_eps: float = 5e-4  # stem=whiten: added to each patch-covariance eigenvalue before 1/sqrt
+    # stem=whiten: train the stem's bias (airbench does, early on). Frozen, nothing before the first
+    # conv group needs a gradient, so its input gradient is skipped: ~1.2x the step on the 2-core CPU.
+    whiten_bias_trainable: bool = True
     dirac: bool = False  # start the first min(in, out) filters of each 3x3 conv as the identity (airbench)
 
 

@@ -101,3 +101,15 @@ def test_bn_bias_lr_scale_keeps_decay_per_step_and_default_groups_are_unchanged(
     assert [g["weight_decay"] for g in groups] == [fm.optim.weight_decay, 0.0]
     assert all(p.ndim > 1 for p in groups[0]["params"]) and all(p.ndim <= 1 for p in groups[1]["params"])
     assert len({g["peak_lr"] for g in groups}) == 1
+
+
+def test_frozen_whitening_bias_skips_every_gradient_before_the_first_group():
+    torch.manual_seed(0)
+    trained, frozen = airbench(stem="whiten"), airbench(stem="whiten", whiten_bias_trainable=False)
+    frozen.load_state_dict(trained.state_dict())
+    for model in (trained, frozen):
+        model.init_from_data(torch.randn(40, 3, 16, 16))
+        model(torch.randn(4, 3, 16, 16)).sum().backward()
+    assert trained.stem.bias.grad is not None and trained.stem.bias.requires_grad
+    assert frozen.stem.bias.grad is None and not any(p.requires_grad for p in frozen.stem.parameters())
+    assert frozen.groups[0].conv1.weight.grad is not None  # the groups still train

@@ -55,6 +55,7 @@ class AirbenchNet(nn.Module):
         self.whiten, self.whiten_eps = cfg.stem == "whiten", cfg.whiten_eps
         if self.whiten:
             self.stem.weight.requires_grad_(False)  # before the optimizer is built, whatever the call order
+            self.stem.bias.requires_grad_(cfg.whiten_bias_trainable)
         self.act = _ACTIVATIONS[cfg.activation]()
         groups, width = [], stem_width
         for i, w in enumerate(cfg.widths):
