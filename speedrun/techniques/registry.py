@@ -263,7 +263,7 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "Myrtle.ai (How to train your ResNet 7); hlb-CIFAR10; airbench",
         "short schedules on small images, where the first layer would otherwise spend epochs learning it",
         "one eigendecomposition of a (C k^2)^2 covariance at start; no weight gradient for the stem",
-        "model.stem=whiten, model.stem_kernel, model.whiten_eps",
+        "model.stem=whiten, model.stem_kernel, model.whiten_eps, model.whiten_bias_trainable",
         lambda r: r.model.stem == "whiten",
         lambda r: _set(r, "model", stem="conv")),
     Technique(
