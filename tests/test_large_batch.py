@@ -153,3 +153,19 @@ def test_optimizer_names_build_the_layerwise_optimizers_with_norm_and_bias_group
 def test_layerwise_optimizers_train_end_to_end(synthetic_dir, overrides):
     result = speedrun.train(data=synthetic_dir, target=0.6, store=None, overrides={**TINY, **overrides})
     assert result.reached, result.detail
+
+
+@pytest.mark.parametrize("make", [lambda ps: LARS(ps, lr=0.1), lambda ps: LAMB(ps, lr=0.1)])
+def test_step_with_a_closure_returns_its_loss_and_uses_its_gradients(make):
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = make([w])
+
+    def closure():
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    before = w.detach().clone()
+    assert opt.step(closure).item() == pytest.approx(5.0)
+    assert not torch.equal(w.detach(), before)

@@ -3,7 +3,6 @@ import os
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import time
@@ -140,18 +139,18 @@ def test_a_store_of_the_previous_schema_opens_and_migrates(tmp_path):
     assert {r["id"] for r in RunStore(path).list_runs()} == {"old1", "old2", "new1"}
 
 
-def test_recording_a_point_is_cheap(tmp_path):
-    """One committed INSERT per evaluation: its median cost must be far below an evaluation's."""
+def test_points_are_written_in_wal_mode_and_each_is_committed(tmp_path):
+    """What keeps a per-evaluation write cheap (no fsync of the whole database per commit) and durable
+    for a run killed right after it: WAL with synchronous=NORMAL, each point committed on its own.
+    Its cost (~0.05 ms median on this project's machine) is measured, not asserted: no timed tests."""
     store = RunStore(tmp_path / "runs.sqlite")
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     _start(store, "run1")
     point = {"elapsed_s": 12.5, "epoch": 3.0, "step": 300, "accuracy": 0.91, "test_loss": 0.3, "train_loss": 0.2}
-    costs = []
-    for _ in range(50):
-        t0 = time.perf_counter()
-        store.add_point("run1", point)
-        costs.append(time.perf_counter() - t0)
-    assert statistics.median(costs) < 0.005, costs
+    store.add_point("run1", point)
+    other = RunStore(tmp_path / "runs.sqlite")  # another connection sees it: committed, not pending
+    assert other.get_run("run1")["curve"][0]["accuracy"] == 0.91
 
 
 def test_a_sigkilled_run_is_listed_as_lost_with_its_curve(tmp_path, unlearnable_dir, capsys):

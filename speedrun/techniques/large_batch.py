@@ -54,6 +54,14 @@ def trust_ratio(weight_norm: Tensor, update_norm: Tensor, coefficient: float = 1
     return torch.where((weight_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
 
 
+def _evaluate(closure):
+    """The optimizer protocol's optional closure: recompute the loss (with gradients) before stepping."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise LR (the LARS paper's Algorithm 1, as in MLPerf):
 
@@ -74,10 +82,7 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             wd, m = group["weight_decay"], group["momentum"]
             for p in group["params"]:
@@ -117,10 +122,7 @@ class LAMB(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             (b1, b2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
