@@ -83,7 +83,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["sgd", "adamw", "adadelta", "lars", "lamb"] = "sgd"
+    name: Literal["sgd", "adamw", "adadelta", "lars", "lamb", "muon"] = "sgd"
     lr: float = 2.0  # peak LR at a batch of lr_batch_size; scaled linearly to train.batch_size
     lr_batch_size: int = 1024
     momentum: float = 0.9
@@ -98,6 +98,10 @@ class OptimConfig:
     bn_weight_decay: bool = False  # apply weight decay to norm weights and biases
     bias_lr_scale: float = 1.0  # LR multiplier for BatchNorm biases, in a group of their own (airbench: 64)
     trust_coefficient: float = 0.001  # lars: η in the layer-wise LR η·|w| / (|g| + wd·|w|)
+    # muon: conv filter banks take orthogonalized momentum steps of this absolute size (not scaled with
+    # the batch, no weight decay); the other parameters follow lr/momentum/weight_decay as with sgd.
+    muon_lr: float = 0.1
+    muon_momentum: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,8 @@ def validate(recipe: Recipe) -> None:
          "optim.weight_decay and optim.wd_batch_size must be >= 0"),
         (recipe.optim.bias_lr_scale > 0, "optim.bias_lr_scale must be > 0"),
         (recipe.optim.trust_coefficient > 0, "optim.trust_coefficient must be > 0"),
+        (recipe.optim.muon_lr > 0 and 0 <= recipe.optim.muon_momentum < 1,
+         "optim.muon_lr must be > 0 and optim.muon_momentum in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -265,11 +265,11 @@ def test_a_run_with_every_augmentation_trains(synthetic_dir):
     overrides = {**TINY, "train.epochs": "3", "data.rrc_scale": "0.5,1", "data.mixup_alpha": "0.2",
                  "data.cutmix_alpha": "1.0", "data.mix_prob": "0.5", "eval.tta_flip": "true",
                  "eval.tta_translate_px": "1", "data.resize_start_scale": "0.5", "data.resize_full_frac": "0.5"}
-    plain = speedrun.train(data=synthetic_dir, target=1.0, store=None, overrides=overrides)
-    scaled = speedrun.train(data=synthetic_dir, target=1.0, store=None,
+    plain = speedrun.train(data=synthetic_dir, store=None, stop_at_target=False, overrides=overrides)
+    scaled = speedrun.train(data=synthetic_dir, store=None, stop_at_target=False,
                             overrides={**overrides, "data.resize_scale_batch": "true"})
     for result in (plain, scaled):
-        assert result.outcome == "budget_exhausted" and result.best_accuracy > 0.5, result.detail
+        assert result.outcome in ("reached", "budget_exhausted") and result.best_accuracy > 0.5, result.detail
         assert result.epochs == pytest.approx(3.0, abs=0.5)
     assert plain.steps == 3 * (1024 // 128) and scaled.steps < plain.steps  # the same schedule in fewer steps
     assert scaled.images_seen >= plain.images_seen

@@ -95,7 +95,7 @@ def test_bn_bias_lr_scale_keeps_decay_per_step_and_default_groups_are_unchanged(
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     assert id(model.stem.weight) not in trained and id(model.stem.bias) in trained
 
-    fm = get_recipe("fashion-mnist")
+    fm = get_recipe("fashion-mnist").override({"optim.name": "sgd"})
     net = build_model(fm.model, in_channels=1, num_classes=10, image_size=(28, 28))
     groups = build_optimizer(net, fm).param_groups
     assert [g["weight_decay"] for g in groups] == [fm.optim.weight_decay, 0.0]

@@ -26,6 +26,7 @@ from speedrun.techniques.label_smoothing import smoothed_cross_entropy
 from speedrun.techniques.large_batch import LAMB, LARS, linear_scaled_lr, weight_decay_coefficient
 from speedrun.techniques.normalization import apply_norm_options, norm_biases
 from speedrun.techniques.mixing import MixBatch
+from speedrun.techniques.muon import Muon
 from speedrun.techniques.resizing import ProgressiveResize
 from speedrun.techniques.schedules import LRSchedule
 from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget
@@ -142,7 +143,8 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     Groups: weights (decayed; layer-wise adapted by LARS and LAMB); norm parameters and biases
     (decay-free unless ``optim.bn_weight_decay``; never adapted, as in the LARS paper and MLPerf);
     with ``optim.bias_lr_scale``, BatchNorm biases apart at that multiple of the LR. The LR follows
-    ``linear_scaled_lr`` and each group's decay ``weight_decay_coefficient``.
+    ``linear_scaled_lr`` and each group's decay ``weight_decay_coefficient``. With ``optim.name=muon``
+    the filter banks (more than 2 dims) form a group of their own, orthogonalized, at ``optim.muon_lr``.
     """
     cfg = recipe.optim
     peak_lr = linear_scaled_lr(cfg.lr, batch_size=recipe.train.batch_size, reference_batch_size=cfg.lr_batch_size)
@@ -151,7 +153,10 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     for p in model.parameters():
         if p.requires_grad:
             (biases if id(p) in scaled else small if p.ndim <= 1 else weights).append(p)
-    groups = []
+    filters = [p for p in weights if p.ndim > 2] if cfg.name == "muon" else []
+    weights = [p for p in weights if p.ndim <= 2] if filters else weights
+    groups = [dict(params=filters, lr=cfg.muon_lr, peak_lr=cfg.muon_lr, weight_decay=0.0, adapt=False,
+                   orthogonal=True)] if filters else []
     for params, lr_scale, decays, adapt in ((weights, 1.0, True, True), (small, 1.0, cfg.bn_weight_decay, False),
                                             (biases, cfg.bias_lr_scale, cfg.bn_weight_decay, False)):
         if params:
@@ -170,6 +175,9 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
                     trust_coefficient=cfg.trust_coefficient)
     if cfg.name == "lamb":
         return LAMB(groups, lr=peak_lr)
+    if cfg.name == "muon":
+        return Muon(groups, lr=peak_lr, momentum=cfg.momentum, muon_momentum=cfg.muon_momentum,
+                    nesterov=cfg.nesterov)
     raise ConfigError(f"unknown optimizer {cfg.name!r}")
 
 
