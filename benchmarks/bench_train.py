@@ -38,14 +38,22 @@ from speedrun.train.run import build_optimizer, resolve_recipe
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def train_seed(recipe_name: str, seed: int, store: Path, data: str | None = None):
+    """One `speedrun train` run, as the CLI does it, with a progress line."""
+    r = speedrun.train(recipe_name, data=data, seed=seed, store=store)
+    print(f"  {recipe_name} seed {seed}: {r.outcome:<16} tta {r.time_to_accuracy_s or float('nan'):6.1f} s  "
+          f"best {r.best_accuracy:.2%}  epochs {r.epochs:.2f}  {r.images_per_s:,.0f} img/s  "
+          f"MFU {r.mfu:.0%}", flush=True)
+    return r
+
+
 def time_to_accuracy(recipe_name: str, seeds: int, store: Path, data: str | None = None) -> tuple[list, str]:
-    results = []
-    for seed in range(seeds):
-        r = speedrun.train(recipe_name, data=data, seed=seed, store=store)
-        results.append(r)
-        print(f"  seed {seed}: {r.outcome:<16} tta {r.time_to_accuracy_s or float('nan'):6.1f} s  "
-              f"best {r.best_accuracy:.2%}  epochs {r.epochs:.2f}  {r.images_per_s:,.0f} img/s  "
-              f"MFU {r.mfu:.0%}", flush=True)
+    results = [train_seed(recipe_name, seed, store, data) for seed in range(seeds)]
+    return results, seed_table(results)
+
+
+def seed_table(results: list) -> str:
+    """Markdown: one row per seed, then median/min/max/CV, pass-rate, the MLPerf aggregate and MFU."""
     s = seed_stats([r.time_to_accuracy_s for r in results])
     r0 = results[0]
     fmt = lambda v: "-" if v is None else f"{v:.1f} s"
@@ -64,7 +72,7 @@ def time_to_accuracy(recipe_name: str, seeds: int, store: Path, data: str | None
         f"(median MFU {statistics.median(r.mfu for r in results):.0%}). "
         f"One-time dataset preparation: {max(r.prepare_s for r in results):.1f} s (outside the clock).",
     ]
-    return results, "\n".join(lines)
+    return "\n".join(lines)
 
 
 def bare_loop(model, opt, loss_fn, batches, schedule, steps: int, steps_per_epoch: int) -> float:
