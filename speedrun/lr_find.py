@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from speedrun.config import ConfigError, Recipe
+from speedrun.techniques.large_batch import linear_scaled_lr
 from speedrun.train.loop import FitState, StopFit, fit
 
 
@@ -155,16 +156,25 @@ def check_range(*, start_lr: float, end_lr: float, steps: int, beta: float | Non
 
 class RangeTest:
     """The hook: sets step i's LR to ``lrs[i]`` in every param group, records each loss, and stops the fit
-    as ``diverged`` when the loss is not finite or the smoothed loss exceeds ``diverge_factor`` x its best."""
+    as ``diverged`` when the loss is not finite or the smoothed loss exceeds ``diverge_factor`` x its best.
 
-    def __init__(self, lrs: Sequence[float], *, beta: float, diverge_factor: float = 4.0) -> None:
+    With ``reference_lr`` (the recipe's peak LR), a group whose ``peak_lr`` differs from it keeps its
+    ratio to it — BatchNorm biases at ``optim.bias_lr_scale``, Muon's filters at ``optim.muon_lr`` —
+    so the sweep scales all of the recipe's LRs together and the suggestion is for ``optim.lr``
+    with those ratios held.
+    """
+
+    def __init__(self, lrs: Sequence[float], *, beta: float, diverge_factor: float = 4.0,
+                 reference_lr: float | None = None) -> None:
         self.lrs, self.beta, self.diverge_factor = list(lrs), beta, diverge_factor
+        self.reference_lr = reference_lr
         self.losses: list[float] = []
         self._best = math.inf
 
     def before_batch(self, state: FitState) -> None:
         for group in state.optimizer.param_groups:
-            group["lr"] = self.lrs[state.step]
+            ratio = group["peak_lr"] / self.reference_lr if self.reference_lr and "peak_lr" in group else 1.0
+            group["lr"] = self.lrs[state.step] * ratio
 
     def after_loss(self, state: FitState) -> None:
         loss = float(state.loss.detach())
@@ -257,7 +267,9 @@ def lr_find(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path |
     directory = datalib.prepare(datalib.resolve(recipe.data.source)).directory
 
     lrs = lr_sequence(start_lr, end_lr, steps)
-    test = RangeTest(lrs, beta=beta, diverge_factor=diverge_factor)
+    test = RangeTest(lrs, beta=beta, diverge_factor=diverge_factor,
+                     reference_lr=linear_scaled_lr(recipe.optim.lr, batch_size=recipe.train.batch_size,
+                                                   reference_batch_size=recipe.optim.lr_batch_size))
     saved_threads = torch.get_num_threads()
     t0 = time.perf_counter()
     try:

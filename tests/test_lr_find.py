@@ -87,6 +87,15 @@ class FakeState:
         self.step, self.loss = 0, torch.tensor(loss)
 
 
+def test_hook_keeps_each_groups_ratio_to_the_recipe_lr():
+    state = FakeState(1.0)
+    state.optimizer.param_groups[0]["peak_lr"], state.optimizer.param_groups[1]["peak_lr"] = 0.6, 38.4
+    hook = RangeTest([0.01, 0.1], beta=0.0, reference_lr=0.6)
+    state.step = 1
+    hook.before_batch(state)
+    assert [g["lr"] for g in state.optimizer.param_groups] == pytest.approx([0.1, 6.4])
+
+
 def test_hook_sets_every_group_and_stops_when_the_smoothed_loss_diverges():
     hook = RangeTest([0.1, 0.2, 0.4, 0.8], beta=0.0, diverge_factor=4.0)
     state = FakeState(2.0)
