@@ -27,7 +27,8 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _parse_sets(items: Sequence[str]) -> dict[str, str]:
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` items as a dict of recipe overrides."""
     values = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -89,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from speedrun.train.run import Budget, resolve_recipe, train
 
     # Check everything that can be checked before any training starts.
-    recipe = resolve_recipe(args.recipe).override(_parse_sets(args.set))
+    recipe = resolve_recipe(args.recipe).override(parse_sets(args.set))
     Budget.parse(args.budget)
     store: RunStore | None = None
     store_problem = None
@@ -157,7 +158,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         raise ConfigError(f"--plot {plot}: folder {plot.parent} does not exist")
     r = lr_find(args.recipe, data=args.data, seed=args.seed, device=args.device, threads=args.threads,
                 steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr, beta=args.smoothing,
-                diverge_factor=args.diverge_factor, overrides=_parse_sets(args.set))
+                diverge_factor=args.diverge_factor, overrides=parse_sets(args.set))
     if plot is not None:
         plot.write_bytes(plot_png(r))
     s = r.suggestion
