@@ -5,10 +5,10 @@
 SOURCE defaults to ../shared/data/cifar10-jpeg.tar.gz (60,000 JPEGs in an image-folder archive).
 Each run is a fresh `python -m speedrun data prepare SOURCE --json` process with its own empty
 SPEEDRUN_HOME, so it pays everything a first prepare pays: extracting the archive, decoding every
-image with all cores, computing mean/std and writing the uint8 cache. Timed: the whole command
+image with a thread per core, computing mean/std and writing the uint8 cache. Timed: the whole command
 (wall clock, interpreter start included) and, as the command reports them, the prepare time and the
-decode rate. Memory: the largest resident set of any one process of the command (the prepare
-process or a decode worker), from getrusage(RUSAGE_CHILDREN) in a launcher around it.
+decode rate. Memory: the prepare command's largest resident set, from getrusage(RUSAGE_CHILDREN) in
+a launcher around it.
 """
 from __future__ import annotations
 
@@ -63,9 +63,9 @@ def main() -> int:
         runs.append({"wall": r["wall_s"], "prepare": r["result"]["prepare_s"],
                      "decode_ips": details.get("decode_images_per_s", 0.0),
                      "images": r["result"]["train"] + r["result"]["test"],
-                     "processes": details.get("processes"), "rss_mb": r["max_rss_kb"] / 1024})
+                     "threads": details.get("threads"), "rss_mb": r["max_rss_kb"] / 1024})
         print(f"  run {i}: command {runs[-1]['wall']:.1f} s, prepare {runs[-1]['prepare']:.1f} s, decode "
-              f"{runs[-1]['decode_ips']:,.0f} images/s, largest process {runs[-1]['rss_mb']:.0f} MB", flush=True)
+              f"{runs[-1]['decode_ips']:,.0f} images/s, peak RSS {runs[-1]['rss_mb']:.0f} MB", flush=True)
 
     def stat(key: str, fmt: str) -> str:
         values = [r[key] for r in runs]
@@ -76,9 +76,9 @@ def main() -> int:
         "|---|---|",
         f"| whole command, cold cache (s) | {stat('wall', '{:.1f}')} |",
         f"| prepare as reported: extract + decode + write (s) | {stat('prepare', '{:.1f}')} |",
-        f"| decode rate ({runs[0]['processes']} processes, images/s) | {stat('decode_ips', '{:,.0f}')} |",
+        f"| decode rate ({runs[0]['threads']} threads, images/s) | {stat('decode_ips', '{:,.0f}')} |",
         f"| whole prepare rate (images/s) | {statistics.median(r['images'] / r['prepare'] for r in runs):,.0f} |",
-        f"| largest process resident set (MB) | {stat('rss_mb', '{:.0f}')} |",
+        f"| peak resident set of the command (MB) | {stat('rss_mb', '{:.0f}')} |",
     ])
     print(table)
     if args.write:

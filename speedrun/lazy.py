@@ -1,8 +1,8 @@
 """Package attributes imported on first use (PEP 562).
 
 The public names of ``speedrun``, ``speedrun.train`` and ``speedrun.data`` live in modules that import
-torch (~2 s); loading them on first use lets ``speedrun runs``, ``recipes``, ``--help`` and the image
-decode workers start without it.
+torch (~2 s); loading them on first use lets ``speedrun runs``, ``recipes`` and ``--help`` start
+without it.
 """
 from __future__ import annotations
 

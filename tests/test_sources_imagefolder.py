@@ -2,6 +2,8 @@
 the cache, the data command, and a slice of the real CIFAR-10 JPEG archive."""
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 
@@ -324,10 +326,25 @@ def test_parallel_decode_gives_the_serial_result(tmp_path, capsys):
     add_bad_files(write_tree(root, {"train": {"cat": 1, "dog": 1}, "test": {"cat": 1}}, seed=1))
     serial = ImageFolderSource(root, workers=1).read()
     parallel = ImageFolderSource(root, workers=2, chunk=3).read()
-    assert "with 2 processes" in capsys.readouterr().err
+    assert "with 2 threads" in capsys.readouterr().err
     for key in ("train_images", "train_labels", "test_images", "test_labels"):
         assert np.array_equal(getattr(serial, key), getattr(parallel, key)), key
     assert serial.mean == parallel.mean
+
+
+def test_a_script_without_a_main_guard_can_prepare_an_image_folder(tmp_path, isolated_home):
+    """Decoding with several workers starts no processes, so nothing re-runs the caller's script (with
+    process workers, an unguarded script was re-imported by each one and the pool respawned them forever)."""
+    root = write_tree(tmp_path / "pets", {"train": {"a": 6, "b": 6}, "test": {"a": 2, "b": 2}})
+    script = tmp_path / "unguarded.py"
+    script.write_text("import speedrun.data as d\n"
+                      f"p = d.prepare(d.resolve({str(root)!r}, workers=2))\n"
+                      "print('prepared', p.built)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SPEEDRUN_HOME": str(isolated_home)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["prepared True"]
+    assert "with 2 threads" in done.stderr
 
 
 # ---- a slice of the real CIFAR-10 JPEG archive

@@ -52,8 +52,8 @@ def test_store_and_listing_commands_do_not_import_torch(tmp_path):
     assert len(lines) == 7 and all(line.endswith(" False") for line in lines), out
 
 
-def test_image_decode_workers_do_not_import_torch():
-    """A forkserver decode worker imports the module of its function, with its parent packages."""
+def test_image_folder_decoding_does_not_import_torch():
+    """`speedrun data prepare` on an image folder needs numpy and Pillow only."""
     assert _run("import sys, speedrun.data.imagefolder; print('torch' in sys.modules)").strip() == "False"
 
 

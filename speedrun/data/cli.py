@@ -62,8 +62,9 @@ def _print_info(info: dict[str, Any]) -> None:
     shape = "x".join(map(str, info["shape"])) if info["shape"] else "-"
     prepared = "-" if info["prepare_s"] is None else f"{info['created'] or '-'} in {info['prepare_s']:.1f} s"
     if "decode_images_per_s" in details:
-        n = details["processes"]
-        prepared += f"; decoded {details['decode_images_per_s']:,.0f} images/s with {n} process{'es' if n > 1 else ''}"
+        # caches prepared before decoding moved to threads name their worker processes
+        unit, n = ("thread", details["threads"]) if "threads" in details else ("process", details["processes"])
+        prepared += f"; decoded {details['decode_images_per_s']:,.0f} images/s with {n} {unit}{'' if n == 1 else 's'}"
     rows = [
         ("cache", info["cache"]),
         ("source", f"{info['source'] or '-'}" + (f" ({info['source_type']})" if info["source_type"] else "")),
@@ -143,7 +144,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     dataset_arguments(p)
     p.add_argument("--strict", action="store_true", help="fail on a file that cannot be decoded, instead of "
                                                          "skipping it with a warning")
-    p.add_argument("--workers", type=positive_int, help="decode processes (default: every core)")
+    p.add_argument("--workers", type=positive_int, help="decode threads (default: every core)")
     p.set_defaults(func=cmd_prepare)
 
     i = actions.add_parser("info", help="show what a dataset's cache holds (PATH may also be the cache folder)")
