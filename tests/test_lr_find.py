@@ -116,7 +116,8 @@ def test_hook_sets_every_group_and_stops_when_the_smoothed_loss_diverges():
 def test_command_end_to_end_json_and_plot(capsys, synthetic_dir, tmp_path):
     plot = tmp_path / "lr.png"
     code = main(["lr-find", "--data", str(synthetic_dir), *SETS, "--steps", "20", "--start-lr", "1e-4",
-                 "--end-lr", "1", "--plot", str(plot), "--json"])
+                 "--end-lr", "1", "--plot", str(plot), "--json",
+                 "--device", "cpu"])  # on a GPU (bf16) the loss at LR 1 on this data trips the divergence stop
     r = json.loads(capsys.readouterr().out)
     assert code == 0 and r["outcome"] == "completed" and r["steps_planned"] == 20
     assert r["lrs"] == pytest.approx(lr_sequence(1e-4, 1.0, 20)) and len(r["losses"]) == 20

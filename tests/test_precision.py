@@ -8,6 +8,7 @@ import torch
 import speedrun
 from speedrun.cli import main
 from speedrun.env import compile_problem
+from speedrun.models.convnet import global_max
 from speedrun.train.run import autocast_for
 from tests.conftest import TINY
 
@@ -46,6 +47,30 @@ def test_bf16_trains_end_to_end_on_cpu(synthetic_dir):
     assert all(p.dtype == torch.float32 for p in r.model.parameters())  # autocast: fp32 master weights
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_global_max_gets_finite_gradients_when_compiled_under_autocast(dtype):
+    """Regression: with ``amax`` as the global pool, TorchInductor under bf16/fp16 autocast gave NaN
+    gradients below the pool (cifar10-94 diverged at its first step on an H100; this graph, with
+    ``amax``, reproduces it on the CPU). ``global_max``, which ConvNet and AirbenchNet use, must give the
+    compiled backward the eager one's gradients, to low-precision rounding."""
+    grads = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.MaxPool2d(2),
+                                   torch.nn.BatchNorm2d(8), torch.nn.GELU())
+        head = torch.nn.Linear(8, 10, bias=False)
+
+        def net(x):
+            return head(global_max(body(x)))
+
+        with torch.autocast("cpu", dtype=dtype):
+            out = (torch.compile(net) if compiled else net)(torch.randn(16, 3, 8, 8))
+        out.float().sum().backward()
+        grads.append(body[0].weight.grad)
+    assert torch.isfinite(grads[1]).all()
+    assert torch.allclose(grads[0], grads[1], rtol=0, atol=0.02 * grads[0].abs().max().item())
+
+
 def test_compile_without_a_compiler_fails_in_one_line_before_training(capsys, synthetic_dir, monkeypatch):
     from torch._inductor import config
 
@@ -53,7 +78,8 @@ def test_compile_without_a_compiler_fails_in_one_line_before_training(capsys, sy
     sets = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
     with config.patch({"cpp.cxx": (None, "no-such-c++-compiler")}):  # inductor's own compiler search fails
         assert "C++ compiler" in compile_problem(CPU) and "no-such-c++-compiler" in compile_problem(CPU)
-        code = main(["train", "--data", str(synthetic_dir), *sets, "--set", "train.compile=true", "--json"])
+        code = main(["train", "--data", str(synthetic_dir), *sets, "--set", "train.compile=true", "--json",
+                         "--device", "cpu"])  # the C++ compiler matters on the CPU only
     err = capsys.readouterr().err.strip()
     assert code == 2 and "train.compile needs a C++ compiler" in err and len(err.splitlines()) == 1
     main(["runs", "--json"])

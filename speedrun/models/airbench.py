@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from speedrun.config import ModelConfig
-from speedrun.models.convnet import _ACTIVATIONS
+from speedrun.models.convnet import _ACTIVATIONS, global_max
 from speedrun.techniques.conv_init import dirac_init_, init_whitening_
 
 # airbench's BN: fast running statistics (PyTorch momentum 0.4; weight averaging relies on them tracking
@@ -72,5 +72,5 @@ class AirbenchNet(nn.Module):
             init_whitening_(self.stem, images, eps=self.whiten_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.groups(self.act(self.stem(x))).amax(dim=(2, 3))
+        x = global_max(self.groups(self.act(self.stem(x))))
         return self.head(x) * self.logit_scale

@@ -10,12 +10,24 @@ from speedrun.techniques.conv_init import dirac_init_
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "celu": nn.CELU}
 
 
+def global_max(x: Tensor) -> Tensor:
+    """The maximum over space of each channel: (N, C, H, W) -> (N, C).
+
+    ``max`` with indices, not ``amax``: ``amax``'s backward spreads the gradient over the elements
+    equal to the maximum, and under torch.compile with bf16/fp16 autocast TorchInductor compares a
+    recomputed higher-precision activation with the rounded maximum, finds no element equal, and divides
+    by zero -- NaN gradients from the first step (seen with torch 2.11 on an H100 and 2.13 on a CPU).
+    ``max``'s backward scatters to the recorded index. The forward values are identical.
+    """
+    return x.flatten(2).max(dim=2).values
+
+
 class ConvNet(nn.Module):
     """A plain stack of 3x3 convs, each followed (where listed in ``pools``) by a 2x2 max-pool, then BN
     and the activation; the head is a global max over space and a bias-free linear layer.
 
     Pooling *before* BN and the activation (airbench's order) runs those memory-bound ops at a
-    quarter of the pixels; ``amax`` is cheaper than adaptive pooling (hlb-CIFAR10); ``logit_scale``
+    quarter of the pixels; a global max is cheaper than adaptive pooling (hlb-CIFAR10); ``logit_scale``
     tempers the initial logits of the max-pooled features.
     """
 
@@ -37,7 +49,7 @@ class ConvNet(nn.Module):
         self.logit_scale = cfg.logit_scale
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.body(x).amax(dim=(2, 3))
+        x = global_max(self.body(x))
         return self.head(self.dropout(x)) * self.logit_scale
 
 
