@@ -267,10 +267,9 @@ def main() -> int:
         options = "".join([f" --data {args.data}" if args.data else "",
                            f" --target {args.target:g}" if args.target else "",
                            *(f" --set {item}" for item in args.set)])
-        title = f"`speedrun train --recipe {args.recipe}`"
+        title = f"`speedrun train --recipe {args.recipe}{options if variant else ''}`"
         section = f"train:{args.recipe}"
         if variant:  # a variant of the recipe gets a section of its own
-            title += f" {options.strip()}"
             section += ":" + options.strip().replace(" ", "")
         body = (f"## {title}\n\n"
                 f"Measured {date.today()} with `benchmarks/bench_train.py --recipe {args.recipe} --seeds "
