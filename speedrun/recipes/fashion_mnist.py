@@ -11,9 +11,11 @@ def fashion_mnist() -> Recipe:
         description="5-conv GELU net, Muon filters + Nesterov SGD, one-cycle, label smoothing, flips, flip-TTA; 2 epochs",
         target=0.92,
         data=DataConfig(source="fashion-mnist", flip=True, translate_px=0),
-        # 4.5M MACs/image. Narrow early stages: the 28x28 and 14x14 layers cost the most per MAC on a CPU;
-        # 24/48/48/96/96 reaches ~0.1 point more at equal epochs for ~1.2x the step time.
-        model=ModelConfig(name="convnet", widths=(16, 32, 48, 96, 96), pools=(0, 1, 3), activation="gelu",
+        # 3.2M MACs/image. Narrow early stages: the 28x28 and 14x14 layers cost the most per MAC on a CPU.
+        # The third pool right after the 7x7 conv (pools 0, 1, 2) puts the last two convs at 3x3: with
+        # widths 16/32/64/96/96 a 1.1-1.2x faster step than 16/32/48/96/96 pooling after the fourth conv,
+        # for the same accuracy at 2 epochs (seeds 0-4: 92.25-92.45% against 92.18-92.70%).
+        model=ModelConfig(name="convnet", widths=(16, 32, 64, 96, 96), pools=(0, 1, 2), activation="gelu",
                           logit_scale=0.125),
         # Muon on the conv filters reaches with 2 epochs what SGD alone needs ~2.5 for. SGD's peak LR (now
         # for BatchNorm and the head) was swept at 2 epochs on the all-SGD net: 0.2 -> 91.61%, 0.4 -> 91.81%,
