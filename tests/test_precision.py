@@ -9,7 +9,8 @@ import speedrun
 from speedrun.cli import main
 from speedrun.env import compile_problem
 from speedrun.models.convnet import global_max
-from speedrun.train.run import autocast_for
+from speedrun.recipes import get_recipe
+from speedrun.train.run import autocast_for, compile_model, compiled_graphs
 from tests.conftest import TINY
 
 CPU = torch.device("cpu")
@@ -89,3 +90,19 @@ def test_compile_without_a_compiler_fails_in_one_line_before_training(capsys, sy
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ on this machine")
 def test_compile_is_possible_where_gxx_exists():
     assert compile_problem(CPU) is None
+
+
+def test_compile_covers_every_input_size_of_a_progressive_resizing_schedule(monkeypatch):
+    """Dynamo falls back to eager, silently, past its recompile limit: a run that resizes must raise it."""
+    import torch._dynamo
+
+    imagenet = get_recipe("imagenet-resnet50")  # 64 -> 128 px in 4-px steps: 17 sizes
+    assert compiled_graphs(imagenet, native=128) == 17 + 2  # + evaluation and its last partial batch
+    assert compiled_graphs(get_recipe("fashion-mnist"), native=28) == 1 + 2
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    compile_model(torch.nn.Identity(), imagenet, native=128)
+    assert torch._dynamo.config.recompile_limit == 19 and calls == [{}]
+    compile_model(torch.nn.Identity(), get_recipe("fashion-mnist"), native=28)
+    assert torch._dynamo.config.recompile_limit == 19  # never lowered

@@ -3,7 +3,7 @@ import torch
 
 from speedrun.config import DataConfig
 from speedrun.data.loader import ResidentLoader, resize_batch
-from speedrun.techniques.resizing import ProgressiveResize, progressive_size
+from speedrun.techniques.resizing import ProgressiveResize, progressive_size, progressive_sizes
 
 
 def test_progressive_size_schedule():
@@ -14,6 +14,14 @@ def test_progressive_size_schedule():
     sizes = [progressive_size(p / 100, **kw) for p in range(101)]
     assert sizes == sorted(sizes) and all(s % 4 == 0 for s in sizes)
     assert progressive_size(0.0, native=28, start_scale=1.0, full_frac=0.0) == 28
+
+
+@pytest.mark.parametrize("native, start_scale, full_frac", [
+    (32, 0.5, 0.2), (28, 0.5, 0.25), (128, 0.5, 0.2), (224, 0.57, 0.1), (30, 0.33, 0.0), (28, 1.0, 0.0)])
+def test_progressive_sizes_lists_exactly_the_sizes_the_schedule_visits(native, start_scale, full_frac):
+    kw = dict(native=native, start_scale=start_scale, full_frac=full_frac)
+    visited = sorted({progressive_size(p / 20_000, **kw) for p in range(20_001)})
+    assert progressive_sizes(**kw) == visited
 
 
 def test_resize_batch_matches_interpolate_and_keeps_native_batches():

@@ -26,6 +26,19 @@ def progressive_size(progress: float, *, native: int, start_scale: float, full_f
     return min(native, max(multiple, multiple * round(native * scale / multiple)))
 
 
+def progressive_sizes(*, native: int, start_scale: float, full_frac: float, multiple: int = 4) -> list[int]:
+    """Every side ``progressive_size`` can return for these settings, ascending (a compiled model is
+    specialised to each input size it meets, so this is how many training graphs torch.compile builds).
+
+    >>> progressive_sizes(native=32, start_scale=0.5, full_frac=0.2)
+    [16, 20, 24, 28, 32]
+    """
+    if start_scale >= 1.0:
+        return [native]
+    first, last = round(native * start_scale / multiple), round(native / multiple)
+    return sorted({min(native, max(multiple, multiple * k)) for k in range(first, last + 1)} | {native})
+
+
 def scaled_batch_size(batch_size: int, *, size: int, native: int, max_factor: float = 4.0) -> int:
     """The batch at side ``size``: ``batch_size * (native / size)^2``, so that the pixels per step stay
     those of a full-size batch, rounded, and at most ``max_factor`` times ``batch_size`` (the linear

@@ -27,7 +27,7 @@ from speedrun.techniques.large_batch import LAMB, LARS, linear_scaled_lr, weight
 from speedrun.techniques.normalization import apply_norm_options, norm_biases
 from speedrun.techniques.mixing import MixBatch
 from speedrun.techniques.muon import Muon
-from speedrun.techniques.resizing import ProgressiveResize
+from speedrun.techniques.resizing import ProgressiveResize, progressive_sizes
 from speedrun.techniques.schedules import LRSchedule
 from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget
 from speedrun.train.loop import FitState, fit
@@ -346,13 +346,37 @@ def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: s
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, recipe)
-    net = torch.compile(model) if recipe.train.compile else model
+    net = compile_model(model, recipe, native=min(images.image_size)) if recipe.train.compile else model
     smoothing = recipe.train.label_smoothing
     return Parts(images=images, loader_kind=loader_kind, train_loader=train_loader, test_loader=test_loader,
                  model=model, net=net, optimizer=optimizer,
                  autocast=autocast_for(precision, dev),
                  grad_scaler=torch.amp.GradScaler(dev.type) if precision == "fp16" else None,
                  loss_fn=lambda logits, y: smoothed_cross_entropy(logits, y, smoothing))
+
+
+def compiled_graphs(recipe: Recipe, native: int) -> int:
+    """How many graphs torch.compile builds for a run: one per training image size (progressive
+    resizing visits several), one for evaluation (no autograd) and one for its last, smaller batch."""
+    d = recipe.data
+    sizes = progressive_sizes(native=native, start_scale=d.resize_start_scale, full_frac=d.resize_full_frac)
+    return len(sizes) + 2
+
+
+def compile_model(model: nn.Module, recipe: Recipe, *, native: int) -> nn.Module:
+    """``torch.compile`` with dynamo's recompile limit raised to cover every input shape of the run.
+
+    Dynamo recompiles on a new input shape and, past its recompile limit (8 by default), silently runs
+    the model eagerly from then on. Whether a new size gets a static graph of its own or turns the graph
+    dynamic depends on the torch version (2.13 on a CPU compiled each size statically; 2.11 on a GPU went
+    dynamic), so the limit is raised to the worst case, one graph per shape (``compiled_graphs``): a
+    ResNet-50 resized from 64 to 128 px in 4-px steps meets 17 sizes.
+    """
+    import torch._dynamo
+
+    limit = compiled_graphs(recipe, native)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    return torch.compile(model)
 
 
 def autocast_for(precision: str, dev: torch.device) -> Callable[[], ContextManager]:
