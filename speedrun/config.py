@@ -70,8 +70,9 @@ class ModelConfig:
     bn_momentum: float | None = None  # PyTorch convention (weight of the new batch); None: as built (0.1)
     bn_frozen_scale: bool = False  # γ fixed at its initial 1, not trained (airbench)
     # The first layer, per model: "conv" its own (airbench: a trainable stem_kernel square conv; resnet50:
-    # 7x7/2 conv + max-pool); "whiten" (airbench) that conv set by patch whitening and frozen; "small"
-    # (resnet50) a 3x3/1 conv without pooling, for CIFAR-size images.
+    # 7x7/2 conv + max-pool); "whiten" (airbench; convnet: its first 3x3 conv, widths[0] channels) that
+    # conv set by patch whitening and frozen; "small" (resnet50) a 3x3/1 conv without pooling, for
+    # CIFAR-size images.
     stem: Literal["conv", "whiten", "small"] = "conv"
     stem_kernel: int = 2  # airbench: side of the stem conv's square kernel
     whiten_eps: float = 5e-4  # stem=whiten: added to each patch-covariance eigenvalue before 1/sqrt

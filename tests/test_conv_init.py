@@ -66,7 +66,19 @@ def test_init_whitening_sets_a_frozen_conv_with_zero_mean_outputs():
     assert torch.allclose(covariance(out[:, :12]), torch.eye(12, dtype=torch.float64), atol=1e-3)
     assert torch.allclose(out[:, 12:], -out[:, :12], atol=1e-5)  # the bias centres both signs
     with pytest.raises(ValueError, match="2\\*3\\*2\\*2 = 24"):
-        init_whitening_(nn.Conv2d(3, 16, 2), x)
+        init_whitening_(nn.Conv2d(3, 26, 2), x)
+    with pytest.raises(ValueError, match="an even count"):
+        init_whitening_(nn.Conv2d(3, 15, 2), x)
+
+
+def test_a_narrower_whitening_conv_keeps_the_directions_of_largest_variance():
+    x = correlated_images()
+    full, narrow = nn.Conv2d(3, 24, 2, bias=False), nn.Conv2d(3, 16, 2, padding=1, bias=False)
+    init_whitening_(full, x, eps=1e-7)
+    init_whitening_(narrow, x, eps=1e-7)
+    assert torch.equal(narrow.weight, torch.cat((full.weight[:8], full.weight[12:20])))
+    out = torch.nn.functional.conv2d(x, narrow.weight).permute(0, 2, 3, 1).reshape(-1, 16).double()
+    assert torch.allclose(covariance(out[:, :8]), torch.eye(8, dtype=torch.float64), atol=1e-3)
 
 
 def test_dirac_part_is_an_exact_identity_and_the_rest_keeps_its_init():

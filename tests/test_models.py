@@ -47,8 +47,10 @@ def test_resnet_stems_and_widths():
 
 def test_models_refuse_options_they_do_not_implement():
     kw = dict(in_channels=3, num_classes=10, image_size=(32, 32))
-    with pytest.raises(ConfigError, match="model 'convnet' has no model.stem='whiten'; it has: conv"):
-        build_model(ModelConfig(stem="whiten"), **kw)
+    with pytest.raises(ConfigError, match="model 'convnet' has no model.stem='small'; it has: conv, whiten"):
+        build_model(ModelConfig(stem="small"), **kw)
+    with pytest.raises(ConfigError, match="even widths\\[0\\] of at most 2\\*1\\*3\\*3 = 18"):
+        build_model(ModelConfig(stem="whiten", widths=(20, 8)), **{**kw, "in_channels": 1})
     with pytest.raises(ConfigError, match="model.dirac is not implemented by 'resnet50'; models with it: convnet"):
         build_model(ModelConfig(name="resnet50", widths=(4, 4, 4, 4), pools=(), dirac=True), **kw)
 
@@ -70,6 +72,26 @@ def test_airbench_whitening_stem_is_set_from_data_and_frozen():
     before = plain.stem.weight.detach().clone()
     plain.init_from_data(images)  # the ablation: the same layer, trainable, left at its random init
     assert plain.stem.weight.requires_grad and torch.equal(plain.stem.weight, before)
+
+
+def test_convnet_whitening_stem_keeps_the_top_directions_and_takes_no_gradient_below_the_second_conv():
+    torch.manual_seed(0)
+    images = torch.randn(40, 1, 12, 12).cumsum(-1)  # neighbouring pixels correlated
+    cfg = ModelConfig(widths=(16, 8), pools=(0,), stem="whiten", whiten_eps=1e-3)
+    model = build_model(cfg, in_channels=1, num_classes=10, image_size=(12, 12))
+    stem = model.body[0]
+    assert not stem.weight.requires_grad
+    model.init_from_data(images)
+    full = whitening_filters(images, 3, 1e-3)  # 18 filters: 9 directions, then their negations
+    assert torch.equal(stem.weight, torch.cat((full[:8], full[9:17])))
+    x = torch.randn(4, 1, 12, 12)
+    model(x).sum().backward()
+    assert stem.weight.grad is None and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert not model.body[1](stem(x)).requires_grad  # so autograd never runs the first pool's backward
+    plain = build_model(ModelConfig(widths=(16, 8), pools=(0,)), in_channels=1, num_classes=10, image_size=(12, 12))
+    before = plain.body[0].weight.detach().clone()
+    plain.init_from_data(images)  # the ablation: trainable, left at its random init
+    assert plain.body[0].weight.requires_grad and torch.equal(plain.body[0].weight, before)
 
 
 def test_airbench_dirac_and_frozen_bn_scales():

@@ -94,8 +94,10 @@ def test_recipe_switch_puts_exactly_the_conv_filters_in_the_orthogonal_group():
     assert isinstance(opt, Muon)
     ortho = [g for g in opt.param_groups if g["orthogonal"]]
     assert len(ortho) == 1 and ortho[0]["peak_lr"] == 0.05 and ortho[0]["weight_decay"] == 0.0
-    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad]
+    assert len(convs) == 4  # the first of the 5 convs is the frozen whitening stem: in no group
     assert {id(p) for p in ortho[0]["params"]} == {id(p) for p in convs}
+    assert not any(p is model.body[0].weight for g in opt.param_groups for p in g["params"])
     others = {id(p) for g in opt.param_groups if not g["orthogonal"] for p in g["params"]}
     assert id(model.head.weight) in others and not others & {id(p) for p in convs}
     sgd = TECHNIQUES["muon"].disable(recipe)

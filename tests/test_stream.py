@@ -61,6 +61,14 @@ def test_stream_batches_equal_the_resident_loaders(prepared, options):
         assert torch.equal(xr, xs) and torch.equal(yr, ys)
 
 
+def test_stream_sample_for_data_dependent_init_equals_the_resident_loaders(prepared):
+    resident, stream = both_loaders(prepared, batch_size=100, train=True, seed=5)
+    drawn = stream.sample(300)
+    assert drawn.shape == (300, 1, 28, 28) and drawn.dtype == torch.float32
+    assert torch.equal(drawn, resident.sample(300))
+    assert not torch.equal(drawn, both_loaders(prepared, batch_size=100, train=True, seed=6)[1].sample(300))
+
+
 def test_prefetch_thread_exits_on_break_exception_interrupt_and_stopfit(prepared):
     _, stream = both_loaders(prepared, batch_size=32, train=True)
     before = prefetch_threads()

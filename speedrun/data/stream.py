@@ -150,6 +150,13 @@ class StreamLoader(ResidentLoader):
         finally:
             feed.close()
 
+    def sample(self, count: int) -> Tensor:
+        """``ResidentLoader.sample``'s draw (the same images for the same seed), read from the host arrays."""
+        gen = torch.Generator(device=self._device).manual_seed(self.seed)
+        rows = torch.randperm(len(self.images), device=self._device, generator=gen)[:count].cpu().numpy()
+        x = torch.from_numpy(np.take(self.images, rows, axis=0)).to(self._device)
+        return torch.addcmul(self._shift, x.to(torch.float32), self._scale)
+
     def _read(self, rows: np.ndarray) -> tuple[Tensor, Tensor, torch.cuda.Event | None]:
         """In the prefetch thread: gather ``rows`` (into pinned memory on CUDA) and start the transfer."""
         pin = self._copy_stream is not None

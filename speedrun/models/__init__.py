@@ -27,7 +27,8 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("convnet", lambda cfg, c, k, hw: ConvNet(cfg, c, k),
-              "conv-BN-act blocks with max-pool (airbench style); widths set per stage", dirac=True),
+              "conv-BN-act blocks with max-pool (airbench style); widths set per stage",
+              stems=("conv", "whiten"), dirac=True),
     ModelSpec("mnist-net", lambda cfg, c, k, hw: MnistNet(c, k, hw),
               "the PyTorch examples' MNIST network: 2 convs, dropout, fc 128 (the baseline)"),
     ModelSpec("airbench", lambda cfg, c, k, hw: AirbenchNet(cfg, c, k),

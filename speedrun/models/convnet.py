@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from speedrun.config import ModelConfig
-from speedrun.techniques.conv_init import dirac_init_
+from speedrun.config import ConfigError, ModelConfig
+from speedrun.techniques.conv_init import dirac_init_, init_whitening_
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "celu": nn.CELU}
 
@@ -29,15 +29,26 @@ class ConvNet(nn.Module):
     Pooling *before* BN and the activation (airbench's order) runs those memory-bound ops at a
     quarter of the pixels; a global max is cheaper than adaptive pooling (hlb-CIFAR10); ``logit_scale``
     tempers the initial logits of the max-pooled features.
+
+    ``model.stem``: ``whiten`` sets the first conv by patch whitening from training images
+    (``init_from_data``: its widths[0] / 2 directions of largest patch variance, both signs) and freezes
+    it. Nothing below the second conv then needs a gradient: no weight gradient for the first conv and
+    no backward through its pool, which on a 28 px input is most of what that layer costs in a step.
     """
 
     def __init__(self, cfg: ModelConfig, in_channels: int, num_classes: int) -> None:
         super().__init__()
+        if cfg.stem == "whiten" and (cfg.widths[0] % 2 or cfg.widths[0] > 2 * in_channels * 9):
+            raise ConfigError(f"model.stem=whiten needs an even widths[0] of at most 2*{in_channels}*3*3 = "
+                              f"{2 * in_channels * 9} (both signs of the 3x3 patches' whitening directions); "
+                              f"got {cfg.widths[0]}")
         layers: list[nn.Module] = []
         width = in_channels
         for i, w in enumerate(cfg.widths):
             layers.append(nn.Conv2d(width, w, 3, padding=1, bias=False))
-            if cfg.dirac:
+            if i == 0 and cfg.stem == "whiten":
+                layers[-1].weight.requires_grad_(False)  # before the optimizer is built, whatever the call order
+            elif cfg.dirac:
                 dirac_init_(layers[-1])
             if i in cfg.pools:
                 layers.append(nn.MaxPool2d(2))
@@ -47,6 +58,12 @@ class ConvNet(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.head = nn.Linear(width, num_classes, bias=False)
         self.logit_scale = cfg.logit_scale
+        self.whiten, self.whiten_eps = cfg.stem == "whiten", cfg.whiten_eps
+
+    def init_from_data(self, images: Tensor) -> None:
+        """Data-dependent init: whiten the first conv on ``images`` (normalized, unaugmented training images)."""
+        if self.whiten:
+            init_whitening_(self.body[0], images, eps=self.whiten_eps)
 
     def forward(self, x: Tensor) -> Tensor:
         x = global_max(self.body(x))

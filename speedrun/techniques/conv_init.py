@@ -59,18 +59,24 @@ def whitening_filters(images: Tensor, kernel_size: int = 2, eps: float = 5e-4) -
 
 @torch.no_grad()
 def init_whitening_(conv: nn.Conv2d, images: Tensor, *, eps: float = 5e-4, freeze: bool = True) -> nn.Conv2d:
-    """Set ``conv`` (C -> 2 * C * k * k channels, k x k, no padding) to whiten ``images``' patches.
+    """Set ``conv`` (C -> 2 * m channels, k x k, m <= C * k * k) to whiten ``images``' patches along their
+    m directions of largest variance, each filter with its negation: the full whitening when
+    2 * m = 2 * C * k * k (airbench's stem), a truncated one when the layer is narrower (a 3x3 stem on
+    one channel has 9 directions; 16 channels keep the top 8).
 
-    The bias is set to ``-W @ mean`` so the outputs are zero-mean on the data (airbench leaves it at 0
-    and trains it; on normalized images the mean is near 0 anyway). With ``freeze`` the weight takes no
-    gradient: only the bias trains.
+    The bias, if any, is set to ``-W @ mean`` so the outputs are zero-mean on the data (airbench leaves
+    it at 0 and trains it; on normalized images the mean is near 0 anyway). With ``freeze`` the weight
+    takes no gradient: only the bias trains. The padding is the conv's own.
     """
     c, k = conv.in_channels, conv.kernel_size[0]
-    if conv.out_channels != 2 * c * k * k or conv.kernel_size != (k, k) or conv.groups != 1:
-        raise ValueError(f"a whitening conv maps {c} channels to 2*{c}*{k}*{k} = {2 * c * k * k} with a "
-                         f"square kernel; got {conv}")
+    d = c * k * k
+    if conv.kernel_size != (k, k) or conv.groups != 1 or conv.out_channels % 2 or conv.out_channels > 2 * d:
+        raise ValueError(f"a whitening conv maps {c} channels to an even count of at most 2*{c}*{k}*{k} = "
+                         f"{2 * d} with a square kernel; got {conv}")
     mean, cov = patch_statistics(images.to(conv.weight.device), k)
     filters = whitening_from_covariance(cov, c, k, eps=eps)
+    m = conv.out_channels // 2
+    filters = torch.cat((filters[:m], filters[d:d + m]))  # the top m directions, then their negations
     conv.weight.copy_(filters)
     if conv.bias is not None:
         conv.bias.copy_(-(filters.flatten(1).double() @ mean).float())

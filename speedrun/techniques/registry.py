@@ -269,7 +269,7 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
     Technique(
         "patch-whitening",
         "first layer: a frozen k x k conv that whitens the training images' patches (covariance "
-        "eigenvectors over sqrt(eigenvalue + eps), both signs)",
+        "eigenvectors over sqrt(eigenvalue + eps), both signs; the leading ones if the layer is narrower)",
         "Myrtle.ai (How to train your ResNet 7); hlb-CIFAR10; airbench",
         "short schedules on small images, where the first layer would otherwise spend epochs learning it",
         "one eigendecomposition of a (C k^2)^2 covariance at start; no weight gradient for the stem",
