@@ -33,7 +33,9 @@ def fashion_mnist() -> Recipe:
                           precision="auto"),
         # One evaluation, at the end of the schedule: before the LR has annealed, accuracy is well short
         # of 92%, so earlier evaluations would only cost time.
-        eval=EvalConfig(every_epochs=0.25, start_frac=1.0, tta_flip=True),
+        # Batches of 512: the 10,000 test images and their mirrors in ~1.7 s against ~2.4 s at 1,024 (the
+        # activations stay in cache; median of 4 rounds).
+        eval=EvalConfig(every_epochs=0.25, start_frac=1.0, tta_flip=True, batch_size=512),
     )
 
 
