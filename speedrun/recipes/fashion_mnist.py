@@ -24,8 +24,8 @@ def fashion_mnist() -> Recipe:
         # Muon on the conv filters reaches with 2 epochs what SGD alone needs ~2.5 for. SGD's peak LR (now
         # for BatchNorm and the head) was swept at 2 epochs on the all-SGD net: 0.2 -> 91.61%, 0.4 -> 91.81%,
         # 0.6 -> 92.02%, 0.8 -> 91.67%. With the whitened stem, Muon LR 0.15 (not 0.1) and momentum 0.85
-        # (not 0.8). 1.5 epochs reached 92% on 9 of seeds 0-9 (seed 7: 91.96%); 1.625 epochs lifts the
-        # weakest four (seeds 3, 7, 8, 9) to 92.28-92.37%.
+        # (not 0.8). 1.5 epochs reached 92% on 9 of seeds 0-9 (seed 7: 91.96%); at 1.625 epochs seeds 0-9
+        # reach 92.19-92.51%.
         optim=OptimConfig(name="muon", lr=0.6, lr_batch_size=256, momentum=0.9, nesterov=True,
                           weight_decay=5e-4, muon_lr=0.15, muon_momentum=0.85),
         schedule=ScheduleConfig(kind="one-cycle", warmup_frac=0.2, start_factor=0.0, end_factor=0.0),
