@@ -61,7 +61,7 @@ class ModelConfig:
     name: str = "convnet"
     widths: tuple[int, ...] = (32, 64, 64, 128, 128)  # output channels of each 3x3 conv
     pools: tuple[int, ...] = (0, 1, 3)  # indices of the convs followed by a 2x2 max-pool
-    activation: Literal["relu", "gelu", "celu"] = "gelu"
+    activation: Literal["relu", "gelu", "celu", "silu", "hardswish"] = "gelu"
     dropout: float = 0.0
     logit_scale: float = 1.0  # multiplies the logits (airbench uses 1/9)
     # Normalization options, applied to every BatchNorm after the model is built

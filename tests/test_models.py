@@ -135,3 +135,19 @@ def test_frozen_whitening_bias_skips_every_gradient_before_the_first_group():
     assert trained.stem.bias.grad is not None and trained.stem.bias.requires_grad
     assert frozen.stem.bias.grad is None and not any(p.requires_grad for p in frozen.stem.parameters())
     assert frozen.groups[0].conv1.weight.grad is not None  # the groups still train
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 28, 28), (2, 5, 7, 9), (1, 1, 2, 2)])
+def test_max_pool2x2_matches_max_pool2d_with_and_without_gradient(shape):
+    from speedrun.models.convnet import max_pool2x2
+    torch.manual_seed(0)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, 0] = float("nan")  # propagated, as max_pool2d does
+    ref = nn.functional.max_pool2d(x, 2)
+    fast = max_pool2x2(x)  # no gradient needed: the strided-maximum path
+    assert fast.shape == ref.shape and torch.equal(fast.nan_to_num(), ref.nan_to_num())
+    assert fast.isnan().equal(ref.isnan()) and fast.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(max_pool2x2(x.contiguous()).nan_to_num(), ref.nan_to_num())  # NCHW: max_pool2d
+    xg = x.nan_to_num().requires_grad_()
+    max_pool2x2(xg).sum().backward()  # with a gradient: max_pool2d, one 1 per window at its argmax
+    assert xg.grad.sum() == ref.numel() and xg.grad.max() == 1

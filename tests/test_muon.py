@@ -24,12 +24,30 @@ def reference_orthogonalize(matrix: torch.Tensor, steps: int) -> torch.Tensor:
     return u @ torch.diag(s) @ vh
 
 
-@pytest.mark.parametrize("shape", [(8, 72), (48, 432), (72, 8), (10, 10)])
+@pytest.mark.parametrize("shape", [(8, 72), (48, 432), (72, 8), (10, 10), (64, 576), (576, 64), (64, 100)])
 @pytest.mark.parametrize("steps", [1, 5])
 def test_orthogonalize_matches_the_singular_value_reference(shape, steps):
     torch.manual_seed(0)
     m = torch.randn(*shape, dtype=torch.float64)
     torch.testing.assert_close(orthogonalize(m, steps), reference_orthogonalize(m, steps), atol=1e-9, rtol=1e-9)
+
+
+def test_gram_form_is_used_for_wide_banks_and_holds_in_float32_on_nearly_low_rank_updates():
+    from speedrun.techniques import muon
+    torch.manual_seed(0)
+    m = torch.randn(96, 3) @ torch.randn(3, 864) + 1e-3 * torch.randn(96, 864)  # a few dominant directions
+    reference = reference_orthogonalize(m.double(), 5)
+    calls = []
+    original = muon._newton_schulz_gram
+    muon._newton_schulz_gram = lambda x, steps: calls.append(x.shape) or original(x, steps)
+    try:
+        q, qt = orthogonalize(m), orthogonalize(m.mT)
+    finally:
+        muon._newton_schulz_gram = original
+    assert calls == [(96, 864), (96, 864)]
+    torch.testing.assert_close(q.double(), reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(qt.double(), reference.mT, atol=1e-4, rtol=0)
+    torch.testing.assert_close(q, muon._newton_schulz(m / m.norm(), 5), atol=1e-4, rtol=0)
 
 
 def test_orthogonalize_brings_singular_values_near_one_and_ignores_scale():

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speedrun.config import ConfigError, ModelConfig
 from speedrun.techniques.conv_init import dirac_init_, init_whitening_
 
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "celu": nn.CELU}
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "celu": nn.CELU, "silu": nn.SiLU, "hardswish": nn.Hardswish}
 
 
 def global_max(x: Tensor) -> Tensor:
@@ -20,6 +21,30 @@ def global_max(x: Tensor) -> Tensor:
     ``max``'s backward scatters to the recorded index. The forward values are identical.
     """
     return x.flatten(2).max(dim=2).values
+
+
+def max_pool2x2(x: Tensor) -> Tensor:
+    """2x2 max-pool with stride 2 (odd trailing rows and columns dropped, as ``F.max_pool2d(x, 2)``).
+
+    On a CPU, where no gradient is needed (a frozen stem's output, evaluation) and ``x`` is
+    channels_last, it is two ``maximum``s of strided views, which skip the argmax indices: 2.4x faster
+    on 16 channels at 28 px on the 2-core CPU, where ``max_pool2d`` is at its slowest. Otherwise
+    ``max_pool2d``, whose backward needs those indices (and which was not measured against this on GPUs).
+    """
+    if (x.requires_grad or x.device.type != "cpu" or x.ndim != 4
+            or not x.is_contiguous(memory_format=torch.channels_last)):
+        return F.max_pool2d(x, 2)
+    h, w = x.size(2) // 2 * 2, x.size(3) // 2 * 2
+    v = x.permute(0, 2, 3, 1)[:, :h, :w]  # NHWC, a view
+    v = torch.maximum(v[:, 0::2], v[:, 1::2])
+    return torch.maximum(v[:, :, 0::2], v[:, :, 1::2]).permute(0, 3, 1, 2)
+
+
+class MaxPool2x2(nn.Module):
+    """:func:`max_pool2x2` as a module."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return max_pool2x2(x)
 
 
 class ConvNet(nn.Module):
@@ -51,7 +76,7 @@ class ConvNet(nn.Module):
             elif cfg.dirac:
                 dirac_init_(layers[-1])
             if i in cfg.pools:
-                layers.append(nn.MaxPool2d(2))
+                layers.append(MaxPool2x2())
             layers += [nn.BatchNorm2d(w), _ACTIVATIONS[cfg.activation]()]
             width = w
         self.body = nn.Sequential(*layers)

@@ -8,7 +8,7 @@ from speedrun.config import (DataConfig, EvalConfig, ModelConfig, OptimConfig, R
 def fashion_mnist() -> Recipe:
     return Recipe(
         name="fashion-mnist",
-        description="5-conv GELU net with a frozen patch-whitening first conv, Muon filters + Nesterov SGD, "
+        description="5-conv ReLU net with a frozen patch-whitening first conv, Muon filters + Nesterov SGD, "
                     "one-cycle, label smoothing, flips, flip-TTA; 1.625 epochs",
         target=0.92,
         data=DataConfig(source="fashion-mnist", flip=True, translate_px=0),
@@ -19,7 +19,10 @@ def fashion_mnist() -> Recipe:
         # The first conv is patch whitening (the top 8 of the 3x3 patches' 9 directions, both signs), frozen:
         # at 2 epochs seeds 0-2 gain ~0.25 points (92.52-92.72%), and with no weight gradient for it and no
         # backward through its pool the step is ~1.07x faster; the margin buys the cut to 1.625 epochs.
-        model=ModelConfig(name="convnet", widths=(16, 32, 64, 96, 96), pools=(0, 1, 2), activation="gelu",
+        # ReLU, not GELU: on this lean net GELU's erf was ~10% of a step (ReLU: a 1.14x faster step, 8
+        # interleaved rounds) and at 1.625 epochs seeds 0-9 reach the same accuracy (ReLU 92.23-92.52%,
+        # mean 92.36%; GELU 92.19-92.51%, mean 92.35%).
+        model=ModelConfig(name="convnet", widths=(16, 32, 64, 96, 96), pools=(0, 1, 2), activation="relu",
                           logit_scale=0.125, stem="whiten"),
         # Muon on the conv filters reaches with 2 epochs what SGD alone needs ~2.5 for. SGD's peak LR (now
         # for BatchNorm and the head) was swept at 2 epochs on the all-SGD net: 0.2 -> 91.61%, 0.4 -> 91.81%,

@@ -39,19 +39,54 @@ def orthogonalize(matrix: Tensor, steps: int = 5) -> Tensor:
     rather than exactly 1, which trains as well (Jordan et al.) in far fewer iterations than a
     convergent polynomial needs.
 
+    For an m x n matrix with n ≥ 2m (m the smaller side) and m ≥ ``GRAM_MIN_SIDE`` the same iterates
+    are computed in the m x m Gram space (:func:`_newton_schulz_gram`): a 3x3 filter bank with as many
+    inputs as outputs has n = 9m, and its orthogonalization then costs about half as many FLOPs.
+
     >>> q = orthogonalize(torch.randn(16, 144))  # doctest: +SKIP
     """
     if matrix.ndim != 2:
         raise ValueError(f"orthogonalize needs a 2-D matrix, got shape {tuple(matrix.shape)}")
-    a, b, c = NS_COEFFICIENTS
     x = matrix / matrix.norm().clamp_min(1e-7)
     tall = x.size(0) > x.size(1)
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
+    m, n = x.shape
+    x = _newton_schulz_gram(x, steps) if m >= GRAM_MIN_SIDE and n >= 2 * m else _newton_schulz(x, steps)
+    return x.mT if tall else x
+
+
+# Below this side the iteration is bound by per-call overhead, not FLOPs, and the Gram form's extra
+# products cost more than they save (on the 2-core CPU: 32 x 144 takes 0.42 ms that way, 0.26 ms plainly;
+# 96 x 864 1.24 ms against 2.13 ms).
+GRAM_MIN_SIDE = 64
+
+
+def _newton_schulz(x: Tensor, steps: int) -> Tensor:
+    """The quintic iteration X ← aX + (bA + cA²)X with A = XXᵀ, on a wide (m ≤ n) matrix: 4m²n + 2m³
+    multiply-adds per step."""
+    a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         gram = x @ x.mT
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if tall else x
+    return x
+
+
+def _newton_schulz_gram(x: Tensor, steps: int) -> Tensor:
+    """The iterates of :func:`_newton_schulz`, carried in m x m matrices.
+
+    Each step multiplies X on the left by P = aI + bA + cA², a polynomial in A = XXᵀ, so X_k = Q_k X_0
+    with Q_k = P_k ⋯ P_1, and since P commutes with A, A_{k+1} = P A Pᵀ = P A P. Only A_0 and the
+    final Q X_0 touch the long side: 4m²n + ~8·steps·m³ FLOPs instead of steps·(4m²n + 2m³).
+    """
+    a, b, c = NS_COEFFICIENTS
+    gram, q = x @ x.mT, None
+    for _ in range(steps):
+        p = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        p.diagonal().add_(a)
+        q = p if q is None else p @ q
+        gram = p @ gram @ p
+    return q @ x
 
 
 def muon_update(grad: Tensor, buffer: Tensor, *, momentum: float, nesterov: bool, steps: int = 5) -> Tensor:

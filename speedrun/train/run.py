@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import math
 import re
 import traceback
@@ -243,6 +244,10 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
     evaluator: Evaluator | None = None
     error: str | None = None
     model = None
+    # Library start-up belongs with `import torch`, outside the clock: torch.optim imports torch._dynamo
+    # when the first optimizer is built (1.5-1.9 s on the 2-core CPU), which otherwise lands in the first
+    # run of each process (every `speedrun train`) and not in later ones.
+    importlib.import_module("torch._dynamo")
     clock.start()  # MLPerf: before the dataset is touched
     try:
         state, evaluator, model = _run(recipe, prepared, dev, precision, seed, budget, clock, progress,
