@@ -18,7 +18,6 @@ import argparse
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from speedrun.recipes import get_recipe
 from speedrun.train.run import build_parts, resolve_device, resolve_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import ROOT, replace_section  # noqa: E402
+from bench_train import ROOT, measured_with, replace_section  # noqa: E402
 
 # Operator kinds for the profile, by the first matching substring of the aten op's name.
 KINDS = (("convolution_backward", "conv backward"), ("convolution", "conv forward"),
@@ -142,9 +141,9 @@ def main() -> int:
     print(table)
     if args.write:
         body = (f"## Step MFU: `{args.recipe}`\n\n"
-                f"Measured {date.today()} with `benchmarks/bench_mfu.py --recipe {args.recipe} --rounds {args.rounds} "
-                f"--steps {args.steps}` on {env['device_name']}, {env['threads']} threads, torch {env['torch_version']}, "
-                f"code {env['code_version']}. Timed: the training step as `speedrun.fit` runs it (forward under the "
+                + measured_with(f"benchmarks/bench_mfu.py --recipe {args.recipe} --rounds {args.rounds} "
+                                f"--steps {args.steps}", env)
+                + " Timed: the training step as `speedrun.fit` runs it (forward under the "
                 f"recipe's autocast, loss, zero_grad, backward, optimizer step) on the recipe's model and optimizer "
                 f"and one augmented batch of its loader, after 5 warm-up steps; no data loading, LR schedule or "
                 f"evaluation. MFU = model FLOPs per step ÷ step time ÷ the higher of the fp32 2048² matmul peaks "

@@ -16,7 +16,6 @@ import json
 import statistics
 import subprocess
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch
 from speedrun.env import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import ROOT, replace_section  # noqa: E402
+from bench_train import ROOT, measured_with, replace_section  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time, torch
@@ -104,9 +103,9 @@ def main() -> int:
     print(table)
     if args.write:
         body = (f"## Step settings: `retain-memory`\n\n"
-                f"Measured {date.today()} with `benchmarks/bench_step.py --recipe {args.recipe} --pairs {args.pairs} "
-                f"--steps {args.steps}` on {env['device_name']}, {env['threads']} threads, torch "
-                f"{env['torch_version']}, code {env['code_version']}. Each measurement is a fresh process (the "
+                + measured_with(f"benchmarks/bench_step.py --recipe {args.recipe} --pairs {args.pairs} "
+                                f"--steps {args.steps}", env)
+                + " Each measurement is a fresh process (the "
                 f"setting is process-wide), off and on alternating; timed: {args.steps} training steps (forward, "
                 f"loss, backward, SGD step) of the recipe's model on one random batch of its size, after 5 warm-up "
                 f"steps — no data loading or evaluation.\n\n{table}\n")

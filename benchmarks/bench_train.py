@@ -220,6 +220,12 @@ def hook_cost_per_step(steps: int = 2000, repeats: int = 5) -> tuple[float, floa
     return statistics.median(diffs), statistics.median(bares)
 
 
+def measured_with(command: str, env: dict) -> str:
+    """The provenance sentence every written section opens with: date, command, machine, torch, code."""
+    return (f"Measured {date.today()} with `{command}` on {env['device_name']}, {env['threads']} threads, "
+            f"torch {env['torch_version']}, code {env['code_version']}.")
+
+
 def replace_section(path: Path, title: str, body: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start_marker, end_marker = f"<!-- {title} -->", f"<!-- /{title} -->"
@@ -272,9 +278,8 @@ def main() -> int:
         if variant:  # a variant of the recipe gets a section of its own
             section += ":" + options.strip().replace(" ", "")
         body = (f"## {title}\n\n"
-                f"Measured {date.today()} with `benchmarks/bench_train.py --recipe {args.recipe} --seeds "
-                f"{args.seeds}{options}` on {env['device_name']}, {env['threads']} threads, torch {env['torch_version']}, "
-                f"code {env['code_version']}. Timed region: from before the prepared dataset is read to the end of "
+                + measured_with(f"benchmarks/bench_train.py --recipe {args.recipe} --seeds {args.seeds}{options}", env)
+                + " Timed region: from before the prepared dataset is read to the end of "
                 f"the first evaluation at or above target (model creation, training, every evaluation included).\n\n"
                 f"{tta}\n" + (f"\n### Trainer overhead\n\n{over}\n" if over else ""))
         replace_section(ROOT / "BENCHMARKS.md", section, body)
