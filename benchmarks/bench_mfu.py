@@ -29,7 +29,7 @@ from speedrun.recipes import get_recipe
 from speedrun.train.run import build_parts, resolve_device, resolve_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import ROOT, measured_with, replace_section  # noqa: E402
+from bench_train import write_section  # noqa: E402
 
 # Operator kinds for the profile, by the first matching substring of the aten op's name.
 KINDS = (("convolution_backward", "conv backward"), ("convolution", "conv forward"),
@@ -140,16 +140,13 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        body = (f"## Step MFU: `{args.recipe}`\n\n"
-                + measured_with(f"benchmarks/bench_mfu.py --recipe {args.recipe} --rounds {args.rounds} "
-                                f"--steps {args.steps}", env)
-                + " Timed: the training step as `speedrun.fit` runs it (forward under the "
-                f"recipe's autocast, loss, zero_grad, backward, optimizer step) on the recipe's model and optimizer "
-                f"and one augmented batch of its loader, after 5 warm-up steps; no data loading, LR schedule or "
-                f"evaluation. MFU = model FLOPs per step ÷ step time ÷ the higher of the fp32 2048² matmul peaks "
-                f"measured just before and just after the round.\n\n{table}\n")
-        replace_section(ROOT / "BENCHMARKS.md", f"mfu:{args.recipe}", body)
-        print("BENCHMARKS.md updated")
+        write_section(f"mfu:{args.recipe}", f"Step MFU: `{args.recipe}`",
+                      f"benchmarks/bench_mfu.py --recipe {args.recipe} --rounds {args.rounds} --steps {args.steps}", env,
+                      "Timed: the training step as `speedrun.fit` runs it (forward under the recipe's autocast, loss, "
+                      "zero_grad, backward, optimizer step) on the recipe's model and optimizer and one augmented batch "
+                      "of its loader, after 5 warm-up steps; no data loading, LR schedule or evaluation. MFU = model "
+                      "FLOPs per step ÷ step time ÷ the higher of the fp32 2048² matmul peaks measured just before and "
+                      f"just after the round.\n\n{table}\n")
     return 0
 
 

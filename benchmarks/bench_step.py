@@ -23,7 +23,7 @@ import torch
 from speedrun.env import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import ROOT, measured_with, replace_section  # noqa: E402
+from bench_train import write_section  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time, torch
@@ -102,15 +102,11 @@ def main() -> int:
     ])
     print(table)
     if args.write:
-        body = (f"## Step settings: `retain-memory`\n\n"
-                + measured_with(f"benchmarks/bench_step.py --recipe {args.recipe} --pairs {args.pairs} "
-                                f"--steps {args.steps}", env)
-                + " Each measurement is a fresh process (the "
-                f"setting is process-wide), off and on alternating; timed: {args.steps} training steps (forward, "
-                f"loss, backward, SGD step) of the recipe's model on one random batch of its size, after 5 warm-up "
-                f"steps — no data loading or evaluation.\n\n{table}\n")
-        replace_section(ROOT / "BENCHMARKS.md", f"step:{args.recipe}", body)
-        print("BENCHMARKS.md updated")
+        write_section(f"step:{args.recipe}", "Step settings: `retain-memory`",
+                      f"benchmarks/bench_step.py --recipe {args.recipe} --pairs {args.pairs} --steps {args.steps}", env,
+                      "Each measurement is a fresh process (the setting is process-wide), off and on alternating; "
+                      f"timed: {args.steps} training steps (forward, loss, backward, SGD step) of the recipe's model on "
+                      f"one random batch of its size, after 5 warm-up steps — no data loading or evaluation.\n\n{table}\n")
     return 0
 
 

@@ -226,6 +226,12 @@ def measured_with(command: str, env: dict) -> str:
             f"torch {env['torch_version']}, code {env['code_version']}.")
 
 
+def write_section(section: str, heading: str, command: str, env: dict, text: str) -> None:
+    """Replace BENCHMARKS.md's ``section`` with ``## heading``, the provenance sentence, then ``text``."""
+    replace_section(ROOT / "BENCHMARKS.md", section, f"## {heading}\n\n{measured_with(command, env)} {text}")
+    print("BENCHMARKS.md updated")
+
+
 def replace_section(path: Path, title: str, body: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start_marker, end_marker = f"<!-- {title} -->", f"<!-- /{title} -->"
