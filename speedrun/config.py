@@ -76,9 +76,11 @@ class ModelConfig:
     stem: Literal["conv", "whiten", "small"] = "conv"
     stem_kernel: int = 2  # airbench: side of the stem conv's square kernel
     whiten_eps: float = 5e-4  # stem=whiten: added to each patch-covariance eigenvalue before 1/sqrt
-    # stem=whiten: train the stem's bias (airbench does, early on). Frozen, nothing before the first
-    # conv group needs a gradient, so its input gradient is skipped: ~1.2x the step on the 2-core CPU.
-    whiten_bias_trainable: bool = True
+    # Fraction of the schedule during which the first layer's trainable parameters (a whitening stem's
+    # bias or the BatchNorm after it; a trainable stem conv too) train; then they freeze, and the
+    # backward stops before the second layer (airbench: after 3 of ~10 epochs). 0: frozen from the
+    # start, 1: never frozen. See speedrun.techniques.freezing.
+    stem_train_frac: float = 1.0
     dirac: bool = False  # start the first min(in, out) filters of each 3x3 conv as the identity (airbench)
 
 
@@ -202,6 +204,7 @@ def validate(recipe: Recipe) -> None:
          "data.translate_px and data.cutout_px must be >= 0"),
         (recipe.model.stem_kernel >= 1 and recipe.model.whiten_eps > 0,
          "model.stem_kernel must be >= 1 and model.whiten_eps > 0"),
+        (0.0 <= recipe.model.stem_train_frac <= 1.0, "model.stem_train_frac must be in [0, 1]"),
         (recipe.data.max_size >= 0, "data.max_size must be >= 0 (0: the source's default)"),
         (recipe.data.rrc_scale == () or (len(recipe.data.rrc_scale) == 2
                                          and 0 < recipe.data.rrc_scale[0] <= recipe.data.rrc_scale[1] <= 1),

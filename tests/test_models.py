@@ -125,18 +125,6 @@ def test_bn_bias_lr_scale_keeps_decay_per_step_and_default_groups_are_unchanged(
     assert len({g["peak_lr"] for g in groups}) == 1
 
 
-def test_frozen_whitening_bias_skips_every_gradient_before_the_first_group():
-    torch.manual_seed(0)
-    trained, frozen = airbench(stem="whiten"), airbench(stem="whiten", whiten_bias_trainable=False)
-    frozen.load_state_dict(trained.state_dict())
-    for model in (trained, frozen):
-        model.init_from_data(torch.randn(40, 3, 16, 16))
-        model(torch.randn(4, 3, 16, 16)).sum().backward()
-    assert trained.stem.bias.grad is not None and trained.stem.bias.requires_grad
-    assert frozen.stem.bias.grad is None and not any(p.requires_grad for p in frozen.stem.parameters())
-    assert frozen.groups[0].conv1.weight.grad is not None  # the groups still train
-
-
 @pytest.mark.parametrize("shape", [(3, 16, 28, 28), (2, 5, 7, 9), (1, 1, 2, 2)])
 def test_max_pool2x2_matches_max_pool2d_with_and_without_gradient(shape):
     from speedrun.models.convnet import max_pool2x2

@@ -55,7 +55,6 @@ class AirbenchNet(nn.Module):
         self.whiten, self.whiten_eps = cfg.stem == "whiten", cfg.whiten_eps
         if self.whiten:
             self.stem.weight.requires_grad_(False)  # before the optimizer is built, whatever the call order
-            self.stem.bias.requires_grad_(cfg.whiten_bias_trainable)
         self.act = _ACTIVATIONS[cfg.activation]()
         groups, width = [], stem_width
         for i, w in enumerate(cfg.widths):
@@ -70,6 +69,10 @@ class AirbenchNet(nn.Module):
         """Data-dependent init: whiten the stem on ``images`` (normalized, unaugmented training images)."""
         if self.whiten:
             init_whitening_(self.stem, images, eps=self.whiten_eps)
+
+    def stem_parameters(self) -> list[nn.Parameter]:
+        """The stem conv's weight and bias (``model.stem_train_frac`` freezes them)."""
+        return list(self.stem.parameters())
 
     def forward(self, x: Tensor) -> Tensor:
         x = global_max(self.groups(self.act(self.stem(x))))

@@ -90,6 +90,13 @@ class ConvNet(nn.Module):
         if self.whiten:
             init_whitening_(self.body[0], images, eps=self.whiten_eps)
 
+    def stem_parameters(self) -> list[nn.Parameter]:
+        """The first conv's parameters and the BatchNorm's after it: everything before the second conv
+        (``model.stem_train_frac`` freezes them)."""
+        convs = [i for i, m in enumerate(self.body) if isinstance(m, nn.Conv2d)]
+        end = convs[1] if len(convs) > 1 else len(self.body)
+        return [p for m in self.body[:end] for p in m.parameters()]
+
     def forward(self, x: Tensor) -> Tensor:
         x = global_max(self.body(x))
         return self.head(self.dropout(x)) * self.logit_scale

@@ -68,6 +68,10 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):  # He init for ReLU nets (fan-out, as the reference models)
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def stem_parameters(self) -> list[nn.Parameter]:
+        """The stem conv's and its BatchNorm's parameters (``model.stem_train_frac`` freezes them)."""
+        return list(self.stem.parameters())
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.stages(self.stem(x)).mean(dim=(2, 3))
         return self.head(x) * self.logit_scale

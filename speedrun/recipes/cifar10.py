@@ -50,7 +50,7 @@ def cifar10_cpu() -> Recipe:
                        "5.5 epochs",
         "target": 0.85,
         "model.widths": (32, 64, 128),
-        "model.whiten_bias_trainable": False,
+        "model.stem_train_frac": 0.0,
         "train.batch_size": 512,
         "train.epochs": 5.5,
         "optim.name": "muon",

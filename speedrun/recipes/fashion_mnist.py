@@ -8,8 +8,8 @@ from speedrun.config import (DataConfig, EvalConfig, ModelConfig, OptimConfig, R
 def fashion_mnist() -> Recipe:
     return Recipe(
         name="fashion-mnist",
-        description="5-conv ReLU net with a frozen patch-whitening first conv, Muon filters + Nesterov SGD, "
-                    "one-cycle, label smoothing, flips, flip-TTA; 1.75 epochs",
+        description="5-conv ReLU net with a frozen patch-whitening first conv (its BatchNorm frozen after 25%), "
+                    "Muon filters + Nesterov SGD, one-cycle, label smoothing, flips, flip-TTA; 1.75 epochs",
         target=0.92,
         data=DataConfig(source="fashion-mnist", flip=True, translate_px=0),
         # 3.2M MACs/image. Narrow early stages: the 28x28 and 14x14 layers cost the most per MAC on a CPU.
@@ -22,8 +22,12 @@ def fashion_mnist() -> Recipe:
         # ReLU, not GELU: on this lean net GELU's erf was ~10% of a step (ReLU: a 1.14x faster step, 8
         # interleaved rounds) and at 1.625 epochs seeds 0-9 reach the same accuracy (ReLU 92.23-92.52%,
         # mean 92.36%; GELU 92.19-92.51%, mean 92.35%).
+        # The first BatchNorm's affine (all that trains before the second conv) freezes after a quarter
+        # of the schedule, as airbench freezes its whitening bias: the rest of the steps skip the 14 px
+        # conv's input gradient and the first layer's backward, a 1.12x faster step (10 interleaved
+        # rounds); seeds 0-9 92.16-92.50% (mean 92.33%) against 92.17-92.54% (mean 92.39%) unfrozen.
         model=ModelConfig(name="convnet", widths=(16, 32, 64, 96, 96), pools=(0, 1, 2), activation="relu",
-                          logit_scale=0.125, stem="whiten"),
+                          logit_scale=0.125, stem="whiten", stem_train_frac=0.25),
         # Muon on the conv filters reaches with 2 epochs what SGD alone needs ~2.5 for. SGD's peak LR (now
         # for BatchNorm and the head) was swept at 2 epochs on the all-SGD net: 0.2 -> 91.61%, 0.4 -> 91.81%,
         # 0.6 -> 92.02%, 0.8 -> 91.67%. With the whitened stem, Muon LR 0.15 (not 0.1) and momentum 0.85

@@ -273,9 +273,20 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "Myrtle.ai (How to train your ResNet 7); hlb-CIFAR10; airbench",
         "short schedules on small images, where the first layer would otherwise spend epochs learning it",
         "one eigendecomposition of a (C k^2)^2 covariance at start; no weight gradient for the stem",
-        "model.stem=whiten, model.stem_kernel, model.whiten_eps, model.whiten_bias_trainable",
+        "model.stem=whiten, model.stem_kernel, model.whiten_eps",
         lambda r: r.model.stem == "whiten",
-        lambda r: _set(r, "model", stem="conv")),
+        # A trainable first layer in its place; one frozen from the start would stay at its random init.
+        lambda r: _set(r, "model", stem="conv",
+                       stem_train_frac=r.model.stem_train_frac if r.model.stem_train_frac > 0 else 1.0)),
+    Technique(
+        "stem-freezing",
+        "the first layer's trainable parameters (a whitening stem's bias or the BatchNorm after it) "
+        "stop training after a fraction of the schedule; the backward then stops at the second layer",
+        "airbench (whitening bias frozen after 3 of ~10 epochs); Brock et al. 2017 (FreezeOut)",
+        "a frozen or cheap first layer whose few trainable parameters settle early, at high resolution",
+        "none; the rest of the schedule skips the first layers' backward", "model.stem_train_frac",
+        lambda r: r.model.stem_train_frac < 1.0,
+        lambda r: _set(r, "model", stem_train_frac=1.0)),
     Technique(
         "dirac-init",
         "starts the first min(in, out) filters of each 3x3 conv as the identity, the rest random",

@@ -23,6 +23,7 @@ from speedrun.models import build_model
 from speedrun.store import RunStore, StoreError, new_run_id
 from speedrun.techniques.allocator import retain_freed_memory
 from speedrun.techniques.averaging import EMA, Lookahead
+from speedrun.techniques.freezing import FreezeStem, freeze_, frozen
 from speedrun.techniques.label_smoothing import smoothed_cross_entropy
 from speedrun.techniques.large_batch import LAMB, LARS, linear_scaled_lr, weight_decay_coefficient
 from speedrun.techniques.normalization import apply_norm_options, norm_biases
@@ -350,6 +351,8 @@ def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: s
         model.init_from_data(train_loader.sample(INIT_IMAGES))
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if recipe.model.stem_train_frac == 0:  # never trained: left out of the optimizer
+        freeze_(model.stem_parameters())
     optimizer = build_optimizer(model, recipe)
     net = compile_model(model, recipe, native=min(images.image_size)) if recipe.train.compile else model
     smoothing = recipe.train.label_smoothing
@@ -362,10 +365,11 @@ def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: s
 
 def compiled_graphs(recipe: Recipe, native: int) -> int:
     """How many graphs torch.compile builds for a run: one per training image size (progressive
-    resizing visits several), one for evaluation (no autograd) and one for its last, smaller batch."""
+    resizing visits several), one for evaluation (no autograd) and one for its last, smaller batch,
+    and one more when the stem freezes mid-run (fewer inputs need a gradient)."""
     d = recipe.data
     sizes = progressive_sizes(native=native, start_scale=d.resize_start_scale, full_frac=d.resize_full_frac)
-    return len(sizes) + 2
+    return len(sizes) + 2 + (0 < recipe.model.stem_train_frac < 1)
 
 
 def compile_model(model: nn.Module, recipe: Recipe, *, native: int) -> nn.Module:
@@ -424,6 +428,8 @@ def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int,
     if recipe.data.mixup_alpha > 0 or recipe.data.cutmix_alpha > 0:
         hooks.insert(0, MixBatch(images.num_classes, mixup_alpha=recipe.data.mixup_alpha,
                                  cutmix_alpha=recipe.data.cutmix_alpha, prob=recipe.data.mix_prob, seed=seed))
+    if 0 < recipe.model.stem_train_frac < 1:
+        hooks.append(FreezeStem(model.stem_parameters(), after_frac=recipe.model.stem_train_frac))
     if recipe.average.kind == "lookahead":
         # Listed after the evaluator: after_* events run in reverse, so evaluations see averaged weights.
         hooks.append(Lookahead(recipe.average))
@@ -457,9 +463,18 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, tota
     if state is not None and "example" in state.extras:  # counted after the clock stopped
         smoothing = recipe.train.label_smoothing
         example = state.extras.pop("example")
-        with state.autocast():
-            flops = train_flops_per_image(model, example, lambda out: smoothed_cross_entropy(
-                out, torch.zeros(len(out), dtype=torch.long, device=out.device), smoothing))
+
+        def count() -> float:
+            with state.autocast():
+                return train_flops_per_image(model, example, lambda out: smoothed_cross_entropy(
+                    out, torch.zeros(len(out), dtype=torch.long, device=out.device), smoothing))
+
+        flops = count()
+        frozen_from = state.extras.get("stem_frozen_from_image")
+        if frozen_from is not None and images_seen:  # the steps after the stem froze did less work
+            with frozen(model.stem_parameters()):
+                share = (images_seen - frozen_from) / images_seen
+                flops = (1 - share) * flops + share * count()
         flops *= state.extras.get("pixel_fraction", 1.0)  # progressive resizing: mean work per image
         peak_dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
         peak = matmul_peak(dev, env["device_name"], peak_dtype)

@@ -1,0 +1,111 @@
+import pytest
+import torch
+from torch import nn
+
+from speedrun.config import ConfigError, ModelConfig
+from speedrun.models import build_model
+from speedrun.techniques.freezing import FreezeStem, freeze_
+from speedrun.train.loop import FitState, fit
+
+MODELS = {  # tiny versions of every model with a stem to freeze, and its input shape
+    "convnet": (ModelConfig(name="convnet", widths=(4, 8, 8), pools=(0, 1), stem="whiten"), (2, 1, 12, 12)),
+    "convnet-conv": (ModelConfig(name="convnet", widths=(4, 8, 8), pools=(0, 1)), (2, 1, 12, 12)),
+    "airbench": (ModelConfig(name="airbench", widths=(8, 8), pools=(0, 1), stem="whiten"), (2, 3, 16, 16)),
+    "resnet50": (ModelConfig(name="resnet50", widths=(4, 4, 4, 4), stem="small"), (2, 3, 16, 16)),
+}
+
+
+def second_layer_input(model: nn.Module) -> nn.Conv2d:
+    """The first conv that is not part of the model's stem."""
+    stem = {id(p) for p in model.stem_parameters()}
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d) and id(m.weight) not in stem)
+
+
+def test_freeze_drops_gradients_and_returns_only_what_it_changed():
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2), requires_grad=False)
+    a.grad = torch.ones(2)
+    assert freeze_([a, b]) == [a]
+    assert not a.requires_grad and a.grad is None and not b.requires_grad
+    assert freeze_([a, b]) == []
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_frozen_stem_stops_the_backward_at_the_second_layer(name):
+    cfg, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = build_model(cfg, in_channels=shape[1], num_classes=10, image_size=shape[2:])
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(torch.randn(40, *shape[1:]))
+    stem = model.stem_parameters()
+    assert stem and any(p.requires_grad for p in stem)
+    second = second_layer_input(model)
+    seen = []
+    second.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].requires_grad))
+
+    model(torch.randn(shape)).sum().backward()
+    assert seen.pop() and all(p.grad is not None for p in stem if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    freeze_(stem)
+    model(torch.randn(shape)).sum().backward()
+    assert not seen.pop()  # nothing before the second layer needs a gradient: its input's is skipped
+    assert all(p.grad is None for p in stem) and second.weight.grad is not None  # the rest still trains
+
+
+def test_freeze_stem_hook_freezes_at_its_fraction_and_undoes_it_after_the_fit():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(4)]
+
+    class Loader:
+        def __len__(self):
+            return len(batches)
+
+        def epoch(self, e):
+            return iter(batches)
+
+    state = FitState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     loss_fn=nn.functional.cross_entropy, loader=Loader(), schedule_steps=8, max_steps=8)
+    stem, snapshots = list(model[0].parameters()), []
+
+    class Watch:
+        def after_step(self, state):
+            snapshots.append((state.progress, [p.detach().clone() for p in stem], stem[0].requires_grad))
+
+    hook = FreezeStem(stem, after_frac=0.5)
+    fit(state, [hook, Watch()])
+    trained = [s for s in snapshots if s[0] <= 0.5]  # steps that began before half the schedule
+    frozen = [s for s in snapshots if s[0] > 0.5]
+    assert len(trained) == 4 and all(s[2] for s in trained) and not any(s[2] for s in frozen)
+    assert not torch.equal(trained[0][1][0], trained[-1][1][0])  # trained until the fraction ...
+    assert all(torch.equal(s[1][0], trained[-1][1][0]) for s in frozen)  # ... then unchanged
+    assert all(p.requires_grad for p in stem)  # after_fit undid it
+    assert hook.frozen == stem
+
+
+def test_freeze_stem_rejects_a_fraction_outside_0_1():
+    with pytest.raises(ValueError, match="after_frac"):
+        FreezeStem([], after_frac=1.5)
+
+
+def test_a_model_without_a_stem_to_freeze_is_refused_by_name():
+    cfg = ModelConfig(name="mnist-net", stem_train_frac=0.5)
+    with pytest.raises(ConfigError, match="stem_train_frac.*mnist-net.*convnet"):
+        build_model(cfg, in_channels=1, num_classes=10, image_size=(28, 28))
+
+
+def test_runs_freeze_the_stem_from_the_start_or_at_the_fraction(synthetic_dir):
+    import speedrun
+    from tests.conftest import TINY
+
+    never, half, always = (speedrun.train(data=synthetic_dir, store=None, stop_at_target=False,
+                                          overrides={**TINY, "model.stem_train_frac": frac})
+                           for frac in ("0", "0.5", "1"))
+    for result in (never, half, always):
+        assert result.outcome in ("reached", "budget_exhausted") and result.best_accuracy > 0.5, result.detail
+    bn_never, bn_half = (next(m for m in r.model.modules() if isinstance(m, nn.BatchNorm2d)) for r in (never, half))
+    assert not bn_never.weight.requires_grad  # never trained: still at its initial affine
+    assert torch.equal(bn_never.weight, torch.ones_like(bn_never.weight)) and not bn_never.bias.any()
+    assert bn_half.weight.requires_grad and bn_half.bias.any()  # trained for half the run, then handed back
+    # FLOPs per image: the frozen steps skip the first layers' backward, and half the run was frozen
+    assert never.flops_per_image < half.flops_per_image < always.flops_per_image
+    assert half.flops_per_image == pytest.approx((never.flops_per_image + always.flops_per_image) / 2, rel=0.02)
