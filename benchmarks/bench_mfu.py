@@ -11,10 +11,15 @@ Each round measures the fp32 2048² matmul peak (best of 5, as `speedrun train` 
 just after ``--steps`` steps; the round's MFU divides by the higher of the two, so a machine that slows
 down mid-round is not credited with it. Then one more pass times the step's phases (forward + loss,
 backward, optimizer) and a torch.profiler pass splits the step's operator time by kind.
+
+A recipe whose stem freezes mid-run (``model.stem_train_frac`` in (0, 1)) has two steps: each round
+times both, and the run's MFU weighs them by their share of the schedule (FLOPs and time alike); the
+phases and the profile are of the frozen step, the one most of the run takes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -26,6 +31,7 @@ from speedrun import data as datalib
 from speedrun.env import environment
 from speedrun.measure.flops import measure_matmul_peak, train_flops_per_image
 from speedrun.recipes import get_recipe
+from speedrun.techniques.freezing import frozen
 from speedrun.train.run import build_parts, resolve_device, resolve_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,12 +64,17 @@ def main() -> int:
     parts = build_parts(recipe, prepared.directory, dev, precision, seed=0)
     model, net, opt = parts.model, parts.net, parts.optimizer
     x, y = next(parts.train_loader.epoch(0))
-    with parts.autocast():
-        flops_per_image = train_flops_per_image(model, x[:2], lambda out: parts.loss_fn(out, y[: len(out)]))
-    step_flops = flops_per_image * len(y)
+    frac = recipe.model.stem_train_frac
+    # (name, share of the schedule, context the step runs in)
+    variants = ([("stem training", frac, contextlib.nullcontext), ("stem frozen", 1 - frac,
+                 lambda: frozen(model.stem_parameters()))] if 0 < frac < 1 else [("step", 1.0, contextlib.nullcontext)])
+    flops_per_image = {}
+    for name, _, context in variants:
+        with context(), parts.autocast():
+            flops_per_image[name] = train_flops_per_image(model, x[:2], lambda out: parts.loss_fn(out, y[: len(out)]))
     env = environment(dev)
     print(f"{env['device_name']}, torch {env['torch_version']}, {env['threads']} threads, code {env['code_version']}; "
-          f"{flops_per_image / 1e6:.1f} MFLOP/image, batch {len(y)}")
+          + ", ".join(f"{name} {f / 1e6:.1f} MFLOP/image" for name, f in flops_per_image.items()) + f", batch {len(y)}")
 
     def step() -> None:
         with parts.autocast():
@@ -73,44 +84,57 @@ def main() -> int:
         opt.step()
 
     model.train()
-    for _ in range(5):
-        step()
-    rounds = []
+    for _, _, context in variants:
+        with context():
+            for _ in range(5):
+                step()
+    rows = {name: [] for name, _, _ in variants}
+    rows_run = []  # the run's mix of the variants
     for i in range(args.rounds):
         before = measure_matmul_peak(dev)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync()
-        seconds = (time.perf_counter() - t0) / args.steps
+        seconds = {}
+        for name, _, context in variants:
+            with context():
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                sync()
+                seconds[name] = (time.perf_counter() - t0) / args.steps
         after = measure_matmul_peak(dev)
         peak = max(before, after)
-        rounds.append(dict(ms=seconds * 1e3, gflops=step_flops / seconds / 1e9, peak=peak / 1e9,
-                           mfu=step_flops / seconds / peak))
-        r = rounds[-1]
-        print(f"  round {i}: {r['ms']:.1f} ms/step, {r['gflops']:.1f} GFLOP/s, peak {before / 1e9:.0f}/"
-              f"{after / 1e9:.0f} GFLOP/s, MFU {r['mfu']:.1%}", flush=True)
-
+        mixes = [(name, seconds[name], flops_per_image[name] * len(y)) for name in seconds]
+        if len(variants) > 1:
+            mixes.append(("run", sum(share * seconds[n] for n, share, _ in variants),
+                          sum(share * flops_per_image[n] * len(y) for n, share, _ in variants)))
+        for name, sec, step_flops in mixes:
+            r = dict(ms=sec * 1e3, gflops=step_flops / sec / 1e9, peak=peak / 1e9, mfu=step_flops / sec / peak)
+            (rows_run if name == "run" else rows[name]).append(r)
+            print(f"  round {i} {name}: {r['ms']:.1f} ms/step, {r['gflops']:.1f} GFLOP/s, peak {before / 1e9:.0f}/"
+                  f"{after / 1e9:.0f} GFLOP/s, MFU {r['mfu']:.1%}", flush=True)
+    if rows_run:
+        rows[f"run ({frac:.0%} + {1 - frac:.0%})"] = rows_run
+    profiled = variants[-1]
     phases = {"forward + loss": [], "backward": [], "optimizer": []}
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        with parts.autocast():
-            loss = parts.loss_fn(net(x), y)
-        sync()
-        t1 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sync()
-        t2 = time.perf_counter()
-        opt.step()
-        sync()
-        t3 = time.perf_counter()
-        for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
-            phases[name].append(dt * 1e3)
-    with torch.profiler.profile() as prof:
+    with profiled[2]():
         for _ in range(args.steps):
-            step()
+            t0 = time.perf_counter()
+            with parts.autocast():
+                loss = parts.loss_fn(net(x), y)
+            sync()
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sync()
+            t2 = time.perf_counter()
+            opt.step()
+            sync()
+            t3 = time.perf_counter()
+            for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[name].append(dt * 1e3)
+        with torch.profiler.profile() as prof:
+            for _ in range(args.steps):
+                step()
     kinds: dict[str, float] = {}
     for event in prof.key_averages():
         if event.key.startswith("aten::"):
@@ -120,21 +144,23 @@ def main() -> int:
     def spread(values: list[float], fmt: str) -> str:
         return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
-    med = {k: statistics.median(r[k] for r in rounds) for k in ("ms", "mfu")}
+    headline = list(rows)[-1]  # the run's mix, or the only step
+    mfus = [r["mfu"] for r in rows[headline]]
     lines = [
-        "| rounds | ms/step | achieved GFLOP/s | peak around it (GFLOP/s) | MFU |",
-        "|---|---|---|---|---|",
-        f"| {len(rounds)} × {args.steps} steps | {spread([r['ms'] for r in rounds], '{:.1f}')} | "
-        f"{spread([r['gflops'] for r in rounds], '{:.1f}')} | {spread([r['peak'] for r in rounds], '{:.0f}')} | "
-        f"{spread([100 * r['mfu'] for r in rounds], '{:.0f}%')} |",
+        "| step | rounds | ms/step | achieved GFLOP/s | peak around it (GFLOP/s) | MFU |",
+        "|---|---|---|---|---|---|",
+        *(f"| {name} | {len(rs)} × {args.steps} steps | {spread([r['ms'] for r in rs], '{:.1f}')} | "
+          f"{spread([r['gflops'] for r in rs], '{:.1f}')} | {spread([r['peak'] for r in rs], '{:.0f}')} | "
+          f"{spread([100 * r['mfu'] for r in rs], '{:.0f}%')} |" for name, rs in rows.items()),
         "",
-        f"**Step MFU: median {med['mfu']:.0%}** (min {min(r['mfu'] for r in rounds):.0%}, "
-        f"max {max(r['mfu'] for r in rounds):.0%}); {flops_per_image / 1e6:.1f} MFLOP per image forward+backward, "
-        f"batch {len(y)}, precision {precision}.",
+        f"**Step MFU{'' if len(variants) == 1 else ', the run' + chr(39) + 's mix'}: median "
+        f"{statistics.median(mfus):.0%}** (min {min(mfus):.0%}, max {max(mfus):.0%}); "
+        + ", ".join(f"{name} {f / 1e6:.1f} MFLOP" for name, f in flops_per_image.items())
+        + f" per image forward+backward, batch {len(y)}, precision {precision}.",
         "",
-        "Phases of a step (median ms of " + str(args.steps) + " steps): "
+        f"Phases of a step{'' if len(variants) == 1 else ' (' + profiled[0] + ')'} (median ms of {args.steps} steps): "
         + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in phases.items()) + ".",
-        "Operator time by kind (torch.profiler, self CPU time, " + str(args.steps) + " steps): "
+        f"Operator time by kind (torch.profiler, self CPU time, {args.steps} steps): "
         + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + ".",
     ]
     table = "\n".join(lines)
