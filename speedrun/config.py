@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 
 class ConfigError(ValueError):
@@ -329,6 +329,13 @@ def _type_name(hint: Any) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "text"}.get(hint, str(hint))
 
 
+# Keys that stored recipes may hold from an earlier version: old key -> the (key, value) pairs that
+# replace it, given its value.
+_REPLACED_KEYS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "model.whiten_bias_trainable": lambda trainable: {} if trainable else {"model.stem_train_frac": 0.0},
+}
+
+
 def from_dict(data: Mapping[str, Any]) -> Recipe:
     """Rebuild a recipe from ``Recipe.to_dict()`` output (e.g. a stored run)."""
     flat: dict[str, Any] = {}
@@ -337,4 +344,7 @@ def from_dict(data: Mapping[str, Any]) -> Recipe:
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
+    for old, replace in _REPLACED_KEYS.items():
+        if old in flat:
+            flat.update(replace(flat.pop(old)))
     return Recipe().override(flat)

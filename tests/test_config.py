@@ -64,6 +64,15 @@ def test_round_trip_through_dict():
         assert from_dict(r.to_dict()) == r
 
 
+def test_a_stored_recipe_with_a_replaced_key_still_loads():
+    stored = get_recipe("cifar10-cpu").to_dict()
+    del stored["model"]["stem_train_frac"]
+    stored["model"]["whiten_bias_trainable"] = False  # how runs before stem_train_frac recorded it
+    assert from_dict(stored) == get_recipe("cifar10-cpu")
+    stored["model"]["whiten_bias_trainable"] = True
+    assert from_dict(stored).model.stem_train_frac == 1.0
+
+
 def test_unknown_recipe_lists_the_built_in_ones():
     with pytest.raises(ConfigError, match="built-in recipes: fashion-mnist, baseline"):
         get_recipe("imagenet-in-5s")
