@@ -19,7 +19,7 @@ def no_peak_measurement(monkeypatch):
 
 def test_cifar10_94_trains_on_cifar_batches_with_a_whitened_frozen_stem(tmp_path):
     folder = write_cifar10(tmp_path, per_batch=40, test=40)  # 200 random training images, 10 classes
-    assert {"patch-whitening", "dirac-init", "lookahead", "alternating-flip"} <= set(
+    assert {"patch-whitening", "stem-freezing", "dirac-init", "lookahead", "alternating-flip"} <= set(
         enabled_techniques(get_recipe("cifar10-94")))
     seed = 3
     result = train("cifar10-94", data=folder, store=None, seed=seed, device="cpu", overrides={
@@ -32,7 +32,8 @@ def test_cifar10_94_trains_on_cifar_batches_with_a_whitened_frozen_stem(tmp_path
                             batch_size=64, mean=images.mean, std=images.std, train=True, seed=seed)
     expected = whitening_filters(loader.sample(INIT_IMAGES), 2, result.recipe.model.whiten_eps)
     assert torch.allclose(result.model.stem.weight, expected)
-    assert not torch.equal(result.model.stem.bias, torch.zeros(24))  # the bias trains
+    assert not torch.equal(result.model.stem.bias, torch.zeros(24))  # the bias trains (for the first 3 epochs
+    assert result.model.stem.bias.requires_grad  # of 9.9, and is trainable again in the model handed back)
 
 
 def test_imagenet_resnet50_trains_on_an_image_folder_tree(tmp_path):
