@@ -109,3 +109,15 @@ def test_runs_freeze_the_stem_from_the_start_or_at_the_fraction(synthetic_dir):
     # FLOPs per image: the frozen steps skip the first layers' backward, and half the run was frozen
     assert never.flops_per_image < half.flops_per_image < always.flops_per_image
     assert half.flops_per_image == pytest.approx((never.flops_per_image + always.flops_per_image) / 2, rel=0.02)
+
+
+def test_the_cli_refuses_a_model_without_a_stem_to_freeze_before_any_run(capsys, synthetic_dir):
+    import json
+
+    from speedrun.cli import main
+
+    code = main(["train", "--recipe", "baseline", "--data", str(synthetic_dir), "--set", "model.stem_train_frac=0.5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "stem_train_frac < 1 is not implemented by 'mnist-net'" in err and len(err.splitlines()) == 1
+    main(["runs", "--json"])
+    assert json.loads(capsys.readouterr().out) == []  # refused before a run was recorded

@@ -43,7 +43,9 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
 )}
 
 
-def build_model(cfg: ModelConfig, *, in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+def check_model_config(cfg: ModelConfig) -> None:
+    """Raise ConfigError where ``cfg`` asks a model for something it does not implement (called before a
+    run starts, so bad input is refused rather than recorded as a failed run)."""
     if cfg.name not in MODELS:
         raise ConfigError(f"unknown model {cfg.name!r}; known: {', '.join(MODELS)}")
     spec = MODELS[cfg.name]
@@ -55,4 +57,9 @@ def build_model(cfg: ModelConfig, *, in_channels: int, num_classes: int, image_s
     if cfg.stem_train_frac < 1 and not spec.stem_freezing:
         with_it = ", ".join(s.name for s in MODELS.values() if s.stem_freezing)
         raise ConfigError(f"model.stem_train_frac < 1 is not implemented by {cfg.name!r}; models with it: {with_it}")
+
+
+def build_model(cfg: ModelConfig, *, in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+    check_model_config(cfg)
+    spec = MODELS[cfg.name]
     return spec.build(cfg, in_channels, num_classes, image_size)

@@ -19,7 +19,7 @@ from speedrun.config import ConfigError, Recipe
 from speedrun.env import compile_problem, cpu_has_native_bf16, environment
 from speedrun.measure.clock import Clock
 from speedrun.measure.flops import matmul_peak, train_flops_per_image
-from speedrun.models import build_model
+from speedrun.models import build_model, check_model_config
 from speedrun.store import RunStore, StoreError, new_run_id
 from speedrun.techniques.allocator import retain_freed_memory
 from speedrun.techniques.averaging import EMA, Lookahead
@@ -223,6 +223,7 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
     precision = resolve_precision(recipe.train.precision, dev)
     if recipe.train.compile and (problem := compile_problem(dev)):
         raise ConfigError(problem)
+    check_model_config(recipe.model)
 
     # One-time preparation, timed apart from the run.
     if not recipe.data.source:
