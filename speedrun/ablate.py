@@ -33,8 +33,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from speedrun.argtypes import parse_sets, positive_int, target_fraction
 from speedrun.attribution import RESAMPLES, Attribution, Sample, attribute
 from speedrun.config import ConfigError, Recipe, from_dict
+from speedrun.console import new_console
 from speedrun.store import RunStore
 from speedrun.techniques.registry import TECHNIQUES, Technique
 
@@ -535,15 +537,7 @@ def print_result(result: AblationResult, console) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
-    sets = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects section.key=value; got {item!r}")
-        sets[key.strip()] = value.strip()
+    out, err = new_console(), new_console(stderr=True)
     from speedrun.paths import default_store
 
     store = RunStore(args.store or default_store())
@@ -553,8 +547,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     try:
         result = ablate(args.recipe, seeds=args.seeds, seed=args.seed, mode=args.mode, techniques=techniques,
                         pairs=args.pairs, target=args.target, budget=args.budget, retune_epochs=args.retune_epochs,
-                        data=args.data, device=args.device, threads=args.threads, overrides=sets, store=store,
-                        resume=args.resume, new=args.new, progress=say)
+                        data=args.data, device=args.device, threads=args.threads, overrides=parse_sets(args.set),
+                        store=store, resume=args.resume, new=args.new, progress=say)
     except AblationInterrupted as e:
         err.print(f"speedrun: ablation {e.ablation_id} interrupted; continue it with "
                   f"speedrun ablate --resume {e.ablation_id}", highlight=False)
@@ -567,8 +561,6 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from speedrun.argtypes import positive_int, target_fraction
-
     p = subparsers.add_parser("ablate", help="measure what each technique of a recipe buys (time-to-accuracy "
                                              "with and without it, over seeds)")
     p.add_argument("--recipe", default="fashion-mnist", help="built-in recipe name or a .toml file")

@@ -1,7 +1,10 @@
-"""argparse value types shared by the subcommands."""
+"""argparse value types and argument parsing shared by the subcommands."""
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
+
+from speedrun.config import ConfigError
 
 
 def positive_int(text: str) -> int:
@@ -23,3 +26,14 @@ def target_fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"target must be in (0, 1] (or a percentage); got {text}")
     return value
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` items as a dict of recipe overrides (checked against the recipe later)."""
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects section.key=value; got {item!r}")
+        values[key.strip()] = value.strip()
+    return values

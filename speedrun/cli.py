@@ -7,35 +7,24 @@ import signal
 import uuid
 from typing import Any, Sequence
 
-from rich.console import Console
 from rich.table import Table
 
-from speedrun.argtypes import positive_int, target_fraction
+from speedrun.argtypes import parse_sets, positive_int, target_fraction
 from speedrun.config import ConfigError
+from speedrun.console import new_console
 from speedrun.data import DataError
 from speedrun.data import cli as data_cli
 from speedrun.store import OUTCOMES, RunStore, StoreError
 
 EXIT_NOT_REACHED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
-out = Console(soft_wrap=True)  # never wrap lines: they are read by scripts and tests too
-err = Console(stderr=True, soft_wrap=True)
+out = new_console()
+err = new_console(stderr=True)
 
 
 def _fail(message: str) -> int:
     err.print(f"[bold red]speedrun: error:[/] {message}", highlight=False)
     return EXIT_USAGE
-
-
-def parse_sets(items: Sequence[str]) -> dict[str, str]:
-    """`--set KEY=VALUE` items as a dict of recipe overrides."""
-    values = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects section.key=value; got {item!r}")
-        values[key.strip()] = value.strip()
-    return values
 
 
 def _fmt_s(seconds: float | None) -> str:

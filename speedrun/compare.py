@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from speedrun.attribution import RESAMPLES, Ratio, Sample, ratio_of_products
 from speedrun.config import ConfigError
+from speedrun.console import new_console
 from speedrun.store import RunStore
 
 FINISHED = ("reached", "budget_exhausted", "diverged")
@@ -238,7 +239,6 @@ def print_comparison(c: Comparison, console) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from speedrun.paths import default_store
 
@@ -254,7 +254,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print_comparison(result, Console(soft_wrap=True))
+        print_comparison(result, new_console())
     return 0
 
 

@@ -1,5 +1,6 @@
 """End-to-end: the speedrun command on tiny data, and every bad input of the train command."""
 import json
+import os
 import subprocess
 import sys
 
@@ -149,6 +150,16 @@ def test_installed_command_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "speedrun", "train", "--recipe", "nope"], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "unknown recipe" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tables_piped_into_a_file_are_not_squeezed_to_80_columns():
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run([sys.executable, "-m", "speedrun", "recipes"], capture_output=True, text=True, env=env)
+    fashion = next(line for line in proc.stdout.splitlines() if "fashion-mnist" in line)
+    assert "the CPU default: fast conv net to 92% on Fashion-MNIST" in fashion  # one row, one line
+    narrow = subprocess.run([sys.executable, "-m", "speedrun", "recipes"], capture_output=True, text=True,
+                            env={**env, "COLUMNS": "60"})
+    assert max(map(len, narrow.stdout.splitlines())) <= 60  # COLUMNS still rules
 
 
 def test_store_failing_at_the_end_keeps_the_result(capsys, synthetic_dir, monkeypatch):

@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from rich.console import Console
 
 from speedrun import data as datalib  # its names load on first use: `speedrun --help` needs no numpy
 from speedrun.argtypes import positive_int
+from speedrun.console import new_console
 from speedrun.data import DataError
 
-out = Console(soft_wrap=True, highlight=False)
-err = Console(stderr=True, soft_wrap=True, highlight=False)
+out = new_console(highlight=False)
+err = new_console(stderr=True, highlight=False)
 
 
 def _fraction(text: str) -> float:

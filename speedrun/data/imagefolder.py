@@ -28,10 +28,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from speedrun import paths
+from speedrun.console import new_console
 from speedrun.data.download import archive_stem, extract_once, is_archive
 from speedrun.data.sources import ChannelMoments, DataError, ImageSet
 
@@ -42,7 +42,7 @@ DECODER_VERSION = 1  # part of the fingerprint: bump when decoding changes so ol
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _NAMED_FAILURES = 3  # bad files named in the warning
 
-err = Console(stderr=True, soft_wrap=True, highlight=False)
+err = new_console(stderr=True, highlight=False)
 
 
 def _say(message: str) -> None:

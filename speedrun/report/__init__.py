@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from speedrun.config import ConfigError
+from speedrun.console import new_console
 from speedrun.store import RunStore, StoreError
 
 MAX_CURVES = 12  # more lines than this make the plot unreadable
@@ -273,7 +274,6 @@ def _environment_html(runs: Sequence[Mapping[str, Any]]) -> str:
 # ---------------------------------------------------------------- the command
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from speedrun.paths import default_store
 
@@ -282,7 +282,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = RunStore(args.store or default_store())
     report = build_report(store, out=args.out, run_ids=args.runs, group=args.group, ablation=args.ablation,
                           price_per_hour=args.price_per_hour)
-    Console(soft_wrap=True).print(
+    new_console().print(
         f"wrote {report.path} ({report.runs} runs, {report.leaderboard_rows} leaderboard rows, "
         f"{len(report.plots)} plots{', ablation ' + report.ablation_id if report.ablation_id else ''}) "
         f"in {report.seconds:.1f} s", highlight=False)
