@@ -15,6 +15,10 @@ backward, optimizer) and a torch.profiler pass splits the step's operator time b
 A recipe whose stem freezes mid-run (``model.stem_train_frac`` in (0, 1)) has two steps: each round
 times both, and the run's MFU weighs them by their share of the schedule (FLOPs and time alike); the
 phases and the profile are of the frozen step, the one most of the run takes.
+
+Last, each convolution's kernels are timed alone (``--kernel-rounds`` rounds, each between two peak
+measurements): the forward, the input gradient and the weight gradient, on the layer's own input
+shape, dtype and memory format -- the ones the (frozen) step runs. They say which kernels hold MFU down.
 """
 from __future__ import annotations
 
@@ -48,11 +52,88 @@ def kind_of(name: str) -> str:
     return next((kind for key, kind in KINDS if key in name), "other")
 
 
+def conv_kernels(model: torch.nn.Module, x: torch.Tensor, context, autocast, rounds: int,
+                 dev: torch.device) -> list[dict]:
+    """Each conv's forward, input-gradient and weight-gradient kernel timed alone, as the step in
+    ``context`` runs it (a gradient the step does not compute is None), against the peak around it."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    seen = []
+    handles = [m.register_forward_hook(lambda m, args, out: seen.append((m, args[0].detach(), args[0].requires_grad,
+                                                                           out.detach())))
+               for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with context(), autocast():
+        model(x)
+    for h in handles:
+        h.remove()
+
+    def median_s(fn, n: int = 10) -> float:
+        fn()
+        times = []
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    layers = []
+    for conv, inp, input_grad, out in seen:
+        inp, weight = inp.to(out.dtype), conv.weight.detach().to(out.dtype)  # autocast's dtype, if any
+        grad = torch.randn_like(out)
+
+        def kernel(mask, conv=conv, inp=inp, weight=weight, grad=grad):
+            return lambda: torch.ops.aten.convolution_backward(
+                grad, inp, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups, mask)
+        with context():
+            trains_weight = conv.weight.requires_grad
+        kernels = {"forward": lambda conv=conv, inp=inp, weight=weight: torch.nn.functional.conv2d(
+                       inp, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups),
+                   "input grad": kernel([True, False, False]) if input_grad else None,
+                   "weight grad": kernel([False, True, False]) if trains_weight else None}
+        flops = 2 * out.numel() * weight[0].numel()
+        layers.append(dict(name=f"{conv.in_channels}→{conv.out_channels} at {inp.size(-2)}×{inp.size(-1)} px",
+                           flops=flops, kernels=kernels, seconds={k: [] for k, f in kernels.items() if f}, peaks=[]))
+    for _ in range(rounds):
+        before = measure_matmul_peak(dev)
+        for layer in layers:
+            for name, fn in layer["kernels"].items():
+                if fn:
+                    layer["seconds"][name].append(median_s(fn))
+        peak = max(before, measure_matmul_peak(dev))
+        for layer in layers:
+            layer["peaks"].append(peak)
+    return layers
+
+
+def kernel_table(layers: list[dict]) -> str:
+    """The kernels' table: median ms, GFLOP/s and % of the peak around each round, over the rounds."""
+    names = ("forward", "input grad", "weight grad")
+    lines = ["| conv (batch as the step's) | GFLOP per call | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    total = dict.fromkeys(names, 0.0)
+    for layer in layers:
+        cells = []
+        for name in names:
+            secs = layer["seconds"].get(name)
+            if not secs:
+                cells.append("— (not in the step)")
+                continue
+            ms = statistics.median(secs) * 1e3
+            total[name] += ms
+            share = statistics.median(layer["flops"] / s / p for s, p in zip(secs, layer["peaks"]))
+            cells.append(f"{ms:.2f} ms, {layer['flops'] / (ms / 1e3) / 1e9:.0f} GFLOP/s, {share:.0%}")
+        lines.append(f"| {layer['name']} | {layer['flops'] / 1e9:.3f} | " + " | ".join(cells) + " |")
+    lines.append("| all convs | | " + " | ".join(f"{total[n]:.1f} ms" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="fashion-mnist")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--kernel-rounds", type=int, default=5, help="rounds of the per-conv kernel timings")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -140,6 +221,9 @@ def main() -> int:
         if event.key.startswith("aten::"):
             kinds[kind_of(event.key)] = kinds.get(kind_of(event.key), 0.0) + event.self_cpu_time_total
     total = sum(kinds.values())
+    layers = conv_kernels(model, x, profiled[2], parts.autocast, args.kernel_rounds, dev)
+    conv_ms = sum(statistics.median(secs) * 1e3 for layer in layers for secs in layer["seconds"].values())
+    step_ms = statistics.median(r["ms"] for r in rows[profiled[0]])
 
     def spread(values: list[float], fmt: str) -> str:
         return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
@@ -162,12 +246,21 @@ def main() -> int:
         + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in phases.items()) + ".",
         f"Operator time by kind (torch.profiler, self CPU time, {args.steps} steps): "
         + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + ".",
+        "",
+        f"Convolution kernels of the step{'' if len(variants) == 1 else ' (' + profiled[0] + ')'}, each timed alone "
+        f"on its layer's input (median of 10 calls, median over {args.kernel_rounds} rounds; % of the peak around "
+        f"each round):",
+        "",
+        kernel_table(layers),
+        "",
+        f"Together {conv_ms:.1f} ms, {conv_ms / step_ms:.0%} of the step's median {step_ms:.1f} ms.",
     ]
     table = "\n".join(lines)
     print(table)
     if args.write:
         write_section(f"mfu:{args.recipe}", f"Step MFU: `{args.recipe}`",
-                      f"benchmarks/bench_mfu.py --recipe {args.recipe} --rounds {args.rounds} --steps {args.steps}", env,
+                      f"benchmarks/bench_mfu.py --recipe {args.recipe} --rounds {args.rounds} --steps {args.steps} "
+                      f"--kernel-rounds {args.kernel_rounds}", env,
                       "Timed: the training step as `speedrun.fit` runs it (forward under the recipe's autocast, loss, "
                       "zero_grad, backward, optimizer step) on the recipe's model and optimizer and one augmented batch "
                       "of its loader, after 5 warm-up steps; no data loading, LR schedule or evaluation. MFU = model "
