@@ -44,7 +44,9 @@ from speedrun.models import build_model  # noqa: E402
 from speedrun.recipes import RECIPES, get_recipe  # noqa: E402
 from speedrun.techniques.label_smoothing import smoothed_cross_entropy  # noqa: E402
 from speedrun.train.hooks import evaluate  # noqa: E402
-from speedrun.train.run import build_loaders, build_optimizer, resolve_device, resolve_precision  # noqa: E402
+from speedrun.techniques.optimizers import build_optimizer  # noqa: E402
+from speedrun.env import resolve_precision  # noqa: E402
+from speedrun.train.run import build_loaders, resolve_device  # noqa: E402
 
 DEFAULT = "fashion-mnist"
 KINDS = ("resident", "stream")

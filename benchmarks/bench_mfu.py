@@ -36,7 +36,8 @@ from speedrun.env import environment
 from speedrun.measure.flops import measure_matmul_peak, train_flops_per_image
 from speedrun.recipes import get_recipe
 from speedrun.techniques.freezing import frozen
-from speedrun.train.run import build_parts, resolve_device, resolve_precision
+from speedrun.env import resolve_precision
+from speedrun.train.run import build_parts, resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import write_section  # noqa: E402

@@ -40,7 +40,8 @@ import torch  # noqa: E402
 
 from speedrun import data as datalib  # noqa: E402
 from speedrun.env import compile_problem, cpu_has_native_bf16, environment  # noqa: E402
-from speedrun.train.run import autocast_for, build_parts, resolve_device, resolve_recipe  # noqa: E402
+from speedrun.techniques.precision import autocast_for  # noqa: E402
+from speedrun.train.run import build_parts, resolve_device, resolve_recipe  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import replace_section  # noqa: E402

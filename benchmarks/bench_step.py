@@ -31,7 +31,7 @@ from speedrun.recipes import get_recipe
 from speedrun.models import build_model
 from speedrun.techniques.allocator import retain_freed_memory
 from speedrun.techniques.label_smoothing import smoothed_cross_entropy
-from speedrun.train.run import build_optimizer
+from speedrun.techniques.optimizers import build_optimizer
 
 recipe, retain, steps = get_recipe(sys.argv[1]), sys.argv[2] == "on", int(sys.argv[3])
 if retain:

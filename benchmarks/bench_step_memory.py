@@ -18,7 +18,7 @@ CHILD = """
 import re, sys, torch
 from speedrun.recipes import get_recipe
 from speedrun.models import build_model
-from speedrun.train.run import build_optimizer
+from speedrun.techniques.optimizers import build_optimizer
 from speedrun.techniques.label_smoothing import smoothed_cross_entropy
 
 def rss(field):

@@ -40,7 +40,8 @@ from speedrun.techniques.normalization import apply_norm_options
 from speedrun.techniques.schedules import LRSchedule, lr_factor
 from speedrun.train.hooks import DivergenceGuard, Evaluator
 from speedrun.train.loop import FitState, fit
-from speedrun.train.run import build_optimizer, resolve_recipe
+from speedrun.techniques.optimizers import build_optimizer
+from speedrun.train.run import resolve_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,6 +10,7 @@ from speedrun.lazy import lazy_attributes  # noqa: E402
 # `train` and `TrainResult` import torch, so they load on first use. The subpackage is imported above
 # because importing it later would make the import system set `speedrun.train` over the function.
 del train
-__getattr__, __dir__ = lazy_attributes(__name__, {"train.run": ("TrainResult", "train")})
+__getattr__, __dir__ = lazy_attributes(__name__, {"train.run": ("TrainResult", "train"),
+                                                  "inference": ("Classifier", "load")})
 
-__all__ = ["ConfigError", "Recipe", "TrainResult", "train", "__version__"]
+__all__ = ["Classifier", "ConfigError", "Recipe", "TrainResult", "load", "train", "__version__"]

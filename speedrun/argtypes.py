@@ -37,3 +37,11 @@ def parse_sets(items: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"--set expects section.key=value; got {item!r}")
         values[key.strip()] = value.strip()
     return values
+
+
+def technique_names(text: str) -> list[str]:
+    """``--without a,b``: catalog technique names (checked against the catalog when the run is built)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give one or more technique names, comma-separated")
+    return names

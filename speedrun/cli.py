@@ -7,12 +7,14 @@ import signal
 import uuid
 from typing import Any, Sequence
 
+from rich.markup import escape
 from rich.table import Table
 
-from speedrun.argtypes import parse_sets, positive_int, target_fraction
+from speedrun.argtypes import parse_sets, positive_int, target_fraction, technique_names
 from speedrun.config import ConfigError
 from speedrun.console import new_console
 from speedrun.data import DataError
+from speedrun import inference_cli
 from speedrun.data import cli as data_cli
 from speedrun.store import OUTCOMES, RunStore, StoreError
 
@@ -23,7 +25,7 @@ err = new_console(stderr=True)
 
 
 def _fail(message: str) -> int:
-    err.print(f"[bold red]speedrun: error:[/] {message}", highlight=False)
+    err.print(f"[bold red]speedrun: error:[/] {escape(message)}", highlight=False)  # [x] is text, not style
     return EXIT_USAGE
 
 
@@ -81,6 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Check everything that can be checked before any training starts.
     recipe = resolve_recipe(args.recipe).override(parse_sets(args.set))
     Budget.parse(args.budget)
+    if args.save:
+        _check_writable(args.save)
     store: RunStore | None = None
     store_problem = None
     try:
@@ -97,8 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.seeds > 1 and not args.json:
             out.print(f"[dim]seed {seed} ({i + 1}/{args.seeds})[/]")
         try:
-            r = train(recipe, data=args.data, target=args.target, seed=seed, budget=args.budget,
-                      device=args.device, threads=args.threads, store=store,
+            r = train(recipe, model=args.model, data=args.data, target=args.target, seed=seed, budget=args.budget,
+                      device=args.device, threads=args.threads, store=store, without=args.without,
                       progress=not args.json and out.is_terminal, group_id=group_id)
         except StoreError as e:  # the store broke after opening: keep training unrecorded
             store_problem, store = str(e), None
@@ -111,6 +115,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       highlight=False)
         if not args.json:
             _print_result(r)
+        if args.save:
+            _save_model(r, args.save, seed if args.seeds > 1 else None, quiet=args.json)
         if r.outcome == "interrupted":
             break
     if not results:
@@ -131,6 +137,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     if any(r.outcome == "interrupted" for r in results):
         return EXIT_INTERRUPTED
     return 0 if all(r.reached for r in results) else EXIT_NOT_REACHED
+
+
+def _check_writable(path: str) -> None:
+    """Refuse a --save path that could not be written, before any training."""
+    import os
+    from pathlib import Path
+
+    folder = Path(path).parent
+    if Path(path).is_dir():
+        raise ConfigError(f"--save {path} is a folder; give a file name such as {Path(path) / 'model.pt'}")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--save {path}: cannot write in {existing}")
+
+
+def _save_model(r, path: str, seed: int | None, *, quiet: bool) -> None:
+    from pathlib import Path
+
+    target = Path(path)
+    if seed is not None:
+        target = target.with_name(f"{target.stem}-seed{seed}{target.suffix}")
+    if r.classifier is None:
+        err.print(f"speedrun: no model saved: run {r.run_id} trained nothing ({r.outcome})", highlight=False)
+        return
+    r.save(target)
+    if not quiet:
+        accuracy = r.curve[-1].accuracy if r.curve else None
+        out.print(f"  saved             {target}" + (f" (final accuracy {accuracy:.2%})" if accuracy is not None
+                                                      else " (never evaluated)"), highlight=False)
 
 
 # ---------------------------------------------------------------- lr-find
@@ -302,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", default="fashion-mnist", help="built-in recipe name or a .toml file "
                                                               "(default: fashion-mnist)")
     t.add_argument("--data", help="dataset: a built-in name or a path (default: the recipe's)")
+    t.add_argument("--model", help="a model of your own: package.module:factory, called as "
+                                   "factory(in_channels=, num_classes=, image_size=) (default: the recipe's)")
+    t.add_argument("--without", type=technique_names, action="extend", default=[], metavar="NAME[,NAME...]",
+                   help="take these catalog techniques out of the recipe (see speedrun techniques)")
     t.add_argument("--target", type=target_fraction, help="held-out accuracy to reach, in (0, 1] or as 92%%")
     t.add_argument("--budget", help="give up after this long: seconds (90, 90s, 2m) or epochs (3ep)")
     t.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
@@ -310,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set train.epochs=3 (repeatable)")
+    t.add_argument("--save", metavar="PATH", help="save the trained model there (with --seeds N: one file per "
+                                                  "seed, PATH with -seedK before its suffix); see predict")
     t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     store_option(t)
     t.set_defaults(func=cmd_train)
@@ -363,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.set_defaults(func=cmd_show)
 
     data_cli.add_parser(sub)
+    inference_cli.add_parsers(sub)
     from speedrun import ablate, compare, report
 
     ablate.add_parser(sub)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import speedrun
+from speedrun.config import ConfigError
 
 
 @functools.cache
@@ -103,3 +104,14 @@ def environment(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "code_version": code_version(),
     }
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on GPUs that support it (else fp16), bf16 on CPUs with native bf16, else fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return precision

@@ -252,7 +252,8 @@ def lr_find(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path |
     """
     from speedrun import data as datalib
     from speedrun.env import environment
-    from speedrun.train.run import build_parts, resolve_device, resolve_precision, resolve_recipe
+    from speedrun.env import resolve_precision
+    from speedrun.train.run import build_parts, resolve_device, resolve_recipe
 
     check_range(start_lr=start_lr, end_lr=end_lr, steps=steps, beta=beta, diverge_factor=diverge_factor)
     beta = default_beta(steps) if beta is None else beta

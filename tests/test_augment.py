@@ -252,7 +252,11 @@ def test_inference_latency_runs_every_tta_view():
             calls.append(x.shape)
             return x.flatten(1)
 
-    stats = inference_latency(Counting(), [torch.rand(1, 1, 4, 4)] * 5, tta_flip=True, tta_translate_px=1, warmup=1)
+    from speedrun.techniques.tta import tta_logits
+
+    model = Counting()
+    stats = inference_latency(lambda x: tta_logits(model, x, flip=True, translate_px=1), [torch.rand(1, 1, 4, 4)] * 5,
+                              warmup=1)
     assert stats.samples == 5 and len(calls) == 6 * (5 + 1)
 
 

@@ -88,9 +88,14 @@ def test_freeze_stem_rejects_a_fraction_outside_0_1():
 
 
 def test_a_model_without_a_stem_to_freeze_is_refused_by_name():
-    cfg = ModelConfig(name="mnist-net", stem_train_frac=0.5)
-    with pytest.raises(ConfigError, match="stem_train_frac.*mnist-net.*convnet"):
-        build_model(cfg, in_channels=1, num_classes=10, image_size=(28, 28))
+    from speedrun.recipes import get_recipe
+    from speedrun.techniques.registry import check_model
+
+    recipe = get_recipe("baseline").override({"model.stem_train_frac": 0.5})
+    model = build_model(recipe.model, in_channels=1, num_classes=10, image_size=(28, 28))
+    with pytest.raises(ConfigError, match="stem-freezing .*stem_parameters.*mnist-net has none: leave it out "
+                                          "with --without stem-freezing"):
+        check_model(recipe, model, model_name="mnist-net")
 
 
 def test_runs_freeze_the_stem_from_the_start_or_at_the_fraction(synthetic_dir):
@@ -118,6 +123,6 @@ def test_the_cli_refuses_a_model_without_a_stem_to_freeze_before_any_run(capsys,
 
     code = main(["train", "--recipe", "baseline", "--data", str(synthetic_dir), "--set", "model.stem_train_frac=0.5"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "stem_train_frac < 1 is not implemented by 'mnist-net'" in err and len(err.splitlines()) == 1
+    assert code == 2 and "stem-freezing" in err and "mnist-net has none" in err and len(err.splitlines()) == 1
     main(["runs", "--json"])
     assert json.loads(capsys.readouterr().out) == []  # refused before a run was recorded

@@ -8,7 +8,7 @@ import speedrun
 from speedrun.config import ConfigError, Recipe
 from speedrun.techniques.large_batch import LAMB, LARS, linear_scaled_lr, trust_ratio, weight_decay_coefficient
 from speedrun.techniques.registry import TECHNIQUES
-from speedrun.train.run import build_optimizer
+from speedrun.techniques.optimizers import build_optimizer
 from tests.conftest import TINY
 
 

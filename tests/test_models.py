@@ -8,7 +8,7 @@ from speedrun.models import build_model
 from speedrun.models.resnet import Bottleneck
 from speedrun.recipes import get_recipe
 from speedrun.techniques.conv_init import whitening_filters
-from speedrun.train.run import build_optimizer
+from speedrun.techniques.optimizers import build_optimizer
 
 
 def resnet(widths=(64, 128, 256, 512), stem="conv", classes=1000):
@@ -20,14 +20,16 @@ def test_resnet50_has_the_published_parameter_count():
     assert sum(p.numel() for p in resnet().parameters()) == 25_557_032  # He et al.'s ResNet-50, 1000 classes
 
 
-def test_marked_bns_end_each_residual_branch():
+def test_zero_init_residual_zeroes_the_bn_ending_each_resnet50_branch():
+    from speedrun.techniques.normalization import zero_init_residual_bn
+
     torch.manual_seed(0)
     model = resnet(widths=(4, 4, 8, 8), stem="small", classes=5).eval()
     blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
-    marked = [m for m in model.modules() if getattr(m, "is_residual_end", False)]
-    assert len(blocks) == 16 and marked == [b.bn3 for b in blocks]
-    for bn in marked:  # zero-init of the marked scales: every block with an identity shortcut is the identity
-        nn.init.zeros_(bn.weight)
+    assert len(blocks) == 16 and zero_init_residual_bn(model) == 16  # the library function, on the model
+    zeroed = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and not m.weight.any()]
+    assert zeroed == [b.bn3 for b in blocks]
+    # every block with an identity shortcut is now the identity
     x = torch.rand(2, 16, 6, 6)  # non-negative, as a block's input (it follows a ReLU)
     identity_blocks = [b for b in blocks if isinstance(b.shortcut, nn.Identity)]
     assert len(identity_blocks) == 12
@@ -51,8 +53,8 @@ def test_models_refuse_options_they_do_not_implement():
         build_model(ModelConfig(stem="small"), **kw)
     with pytest.raises(ConfigError, match="even widths\\[0\\] of at most 2\\*1\\*3\\*3 = 18"):
         build_model(ModelConfig(stem="whiten", widths=(20, 8)), **{**kw, "in_channels": 1})
-    with pytest.raises(ConfigError, match="model.dirac is not implemented by 'resnet50'; models with it: convnet"):
-        build_model(ModelConfig(name="resnet50", widths=(4, 4, 4, 4), pools=(), dirac=True), **kw)
+    with pytest.raises(ConfigError, match="model.stem=small is an option of the built-in resnet50"):
+        build_model(ModelConfig(name="tests.own_models:tiny_net", stem="small"), **kw)
 
 
 def airbench(**kw):
@@ -95,11 +97,19 @@ def test_convnet_whitening_stem_keeps_the_top_directions_and_takes_no_gradient_b
 
 
 def test_airbench_dirac_and_frozen_bn_scales():
-    model = airbench(dirac=True)
+    from types import SimpleNamespace
+
+    from speedrun.techniques.registry import TECHNIQUES
+
+    model = airbench()
+    assert not torch.equal(model.groups[1].conv1.weight[:8, :, 1, 1], torch.eye(8, 8))
+    stem = model.stem.weight.detach().clone()
+    TECHNIQUES["dirac-init"].apply(SimpleNamespace(model=model))  # what a run with model.dirac does
     conv = model.groups[0].conv1  # 24 -> 8: the dirac part is all 8 filters
     assert torch.equal(conv.weight[:, :, 1, 1], torch.eye(8, 24))
+    assert torch.equal(model.groups[1].conv2.weight[:, :, 1, 1], torch.eye(16, 16))
+    assert torch.equal(model.stem.weight, stem)  # a 2x2 kernel has no centre: left alone
     assert not any(bn.weight.requires_grad for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
-    assert not torch.equal(airbench(dirac=False).groups[1].conv1.weight[:8, :, 1, 1], torch.eye(8, 8))
 
 
 def test_bn_bias_lr_scale_keeps_decay_per_step_and_default_groups_are_unchanged():

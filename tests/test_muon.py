@@ -11,7 +11,7 @@ from torch import nn
 from speedrun.recipes import get_recipe
 from speedrun.techniques.muon import NS_COEFFICIENTS, Muon, muon_update, orthogonalize
 from speedrun.techniques.registry import TECHNIQUES
-from speedrun.train.run import build_optimizer
+from speedrun.techniques.optimizers import build_optimizer
 
 
 def reference_orthogonalize(matrix: torch.Tensor, steps: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from speedrun.models.convnet import ConvNet
 from speedrun.techniques.normalization import (RESIDUAL_END, apply_norm_options, batchnorms, freeze_bn_scales,
                                                mark_residual_end, norm_biases, set_bn_momentum,
                                                zero_init_residual_bn)
-from speedrun.train.run import build_optimizer
+from speedrun.techniques.optimizers import build_optimizer
 from tests.conftest import TINY
 
 

@@ -10,7 +10,8 @@ from speedrun.cli import main
 from speedrun.env import compile_problem
 from speedrun.models.convnet import global_max
 from speedrun.recipes import get_recipe
-from speedrun.train.run import autocast_for, compile_model, compiled_graphs
+from speedrun.techniques.compile import compile_model, compiled_graphs
+from speedrun.techniques.precision import autocast_for
 from tests.conftest import TINY
 
 CPU = torch.device("cpu")

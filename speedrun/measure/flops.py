@@ -61,6 +61,11 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     return 2 * size**3 / best
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype whose matmul peak bounds a run in ``precision`` (resolved: fp32, bf16 or fp16)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def matmul_peak(device: torch.device, device_name: str, dtype: torch.dtype = torch.float32) -> float:
     """The measured matmul peak for this device, measured once and cached in ``$SPEEDRUN_HOME``.
 

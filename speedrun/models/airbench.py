@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from speedrun.config import ModelConfig
 from speedrun.models.convnet import _ACTIVATIONS, global_max
-from speedrun.techniques.conv_init import dirac_init_, init_whitening_
+from speedrun.techniques.conv_init import init_whitening_
 
 # airbench's BN: fast running statistics (PyTorch momentum 0.4; weight averaging relies on them tracking
 # the averaged weights quickly), scales frozen at 1 (only the shifts train), a tiny eps.
@@ -23,16 +23,13 @@ class ConvGroup(nn.Module):
     """conv 3x3 -> [2x2 max-pool] -> BN -> act -> conv 3x3 -> BN -> act (airbench: GELU). Pooling before BN (airbench's
     order) runs the memory-bound ops at a quarter of the pixels."""
 
-    def __init__(self, width_in: int, width: int, *, pool: bool, dirac: bool, activation: str = "gelu") -> None:
+    def __init__(self, width_in: int, width: int, *, pool: bool, activation: str = "gelu") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(width_in, width, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
         self.norm1, self.norm2 = _norm(width), _norm(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
         self.act = _ACTIVATIONS[activation]()
-        if dirac:
-            dirac_init_(self.conv1)
-            dirac_init_(self.conv2)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(self.norm1(self.pool(self.conv1(x))))
@@ -58,8 +55,7 @@ class AirbenchNet(nn.Module):
         self.act = _ACTIVATIONS[cfg.activation]()
         groups, width = [], stem_width
         for i, w in enumerate(cfg.widths):
-            groups.append(ConvGroup(width, w, pool=i in cfg.pools, dirac=cfg.dirac,
-                                    activation=cfg.activation))
+            groups.append(ConvGroup(width, w, pool=i in cfg.pools, activation=cfg.activation))
             width = w
         self.groups = nn.Sequential(*groups)
         self.head = nn.Linear(width, num_classes, bias=False)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speedrun.config import ConfigError, ModelConfig
-from speedrun.techniques.conv_init import dirac_init_, init_whitening_
+from speedrun.techniques.conv_init import init_whitening_
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "celu": nn.CELU, "silu": nn.SiLU, "hardswish": nn.Hardswish}
 
@@ -73,8 +73,6 @@ class ConvNet(nn.Module):
             layers.append(nn.Conv2d(width, w, 3, padding=1, bias=False))
             if i == 0 and cfg.stem == "whiten":
                 layers[-1].weight.requires_grad_(False)  # before the optimizer is built, whatever the call order
-            elif cfg.dirac:
-                dirac_init_(layers[-1])
             if i in cfg.pools:
                 layers.append(MaxPool2x2())
             layers += [nn.BatchNorm2d(w), _ACTIVATIONS[cfg.activation]()]

@@ -1,6 +1,6 @@
 """ResNet-50 (He et al. 2016) in the v1.5 form MLPerf trains: bottleneck blocks with the stride on the 3x3.
 
-The last BN of every residual branch carries ``is_residual_end = True`` so that zero-init of its scale
+The last BN of every residual branch is marked (``mark_residual_end``) so that zero-init of its scale
 (Goyal et al. 2017: each block starts as the identity) can find it without knowing this file.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from speedrun.config import ConfigError, ModelConfig
+from speedrun.techniques.normalization import mark_residual_end
 
 EXPANSION = 4  # a bottleneck's output is 4x its inner width
 RESNET50_BLOCKS = (3, 4, 6, 3)
@@ -22,8 +23,7 @@ class Bottleneck(nn.Module):
         self.conv1, self.bn1 = nn.Conv2d(width_in, width, 1, bias=False), nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out)
-        self.bn3.is_residual_end = True
+        self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), mark_residual_end(nn.BatchNorm2d(out))
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or width_in != out:
             self.shortcut = nn.Sequential(nn.Conv2d(width_in, out, 1, stride=stride, bias=False),

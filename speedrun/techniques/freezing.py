@@ -15,6 +15,7 @@ normalization after it included.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterable, Iterator
 
 from torch import nn
@@ -49,9 +50,10 @@ def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
 
 class FreezeStem:
     """Freezes ``params`` at the first batch at or past ``after_frac`` of the schedule and records in
-    ``state.extras["stem_frozen_from_image"]`` how many images had been seen (the run's FLOP count
-    weighs the two kinds of step by it); ``after_fit`` makes them trainable again, so the returned
-    model trains like a fresh one if a user goes on."""
+    ``state.extras["frozen_from_image"]`` how many images had been seen, and in ``extras["frozen_context"]``
+    a context that freezes them again (the run's FLOP count weighs the two kinds of step by it);
+    ``after_fit`` makes them trainable again, so the returned model trains like a fresh one if a user
+    goes on."""
 
     def __init__(self, params: Iterable[nn.Parameter], *, after_frac: float) -> None:
         if not 0.0 <= after_frac <= 1.0:
@@ -62,7 +64,8 @@ class FreezeStem:
     def before_batch(self, state) -> None:
         if self.frozen is None and state.progress >= self.after_frac:
             self.frozen = freeze_(self.params)
-            state.extras["stem_frozen_from_image"] = state.images_seen
+            state.extras["frozen_from_image"] = state.images_seen
+            state.extras["frozen_context"] = functools.partial(frozen, self.params)
 
     def after_fit(self, state) -> None:
         for p in self.frozen or ():

@@ -1,12 +1,41 @@
 """The technique catalog: frozen records saying what each technique does, where it comes from,
-when it helps, what it costs, how a recipe switches it on, and how to take it out (for ablations).
+when it helps, what it costs, how a recipe switches it on, how to take it out (for ablations), and
+how the trainer assembles it.
+
+Assembly. A record with an ``apply`` takes part in building a run: the trainer calls ``assemble``
+at three stages (``start``: before data and model exist; ``model``: the model is built, the optimizer
+not yet; ``train``: the optimizer exists), and each enabled record of that stage, in ``order``, changes
+the ``Assembly`` (the model, loss, autocast, the net the loop calls) and may return a fit hook, which
+the loop runs at the record's ``order`` among the hooks (``after_*`` events in reverse). Records that
+share an ``apply`` (mixup and CutMix: one batch mixer) run it once. A record without ``apply`` is a
+switch read by one of the trainer's own parts: the loader (augmentation), the optimizer registry
+(``speedrun.techniques.optimizers``), the LR schedule or the evaluator (test-time augmentation).
+
+A technique that needs something of the model's structure names it in ``needs`` (``CAPABILITIES``);
+``check_model`` refuses it, before a run's clock starts, on a model without it.
+
+Listing the catalog must not import torch (``speedrun techniques`` answers in a fraction of a
+second), so the ``apply`` functions import their technique modules when called.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
-from speedrun.config import Recipe
+from speedrun.config import ConfigError, Recipe
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from speedrun.train.assembly import Assembly
+
+Stage = Literal["start", "model", "train"]
+
+# Fit-hook positions. The trainer's own hooks sit between them: the LR schedule at 30, the divergence
+# guard at 40, the evaluator at 50, a user's hooks at 85, the time budget at 90, the progress bar at 95.
+# Averaging comes after the evaluator so that its after_step (after_* run in reverse) hands the
+# evaluator the averaged weights.
+ORDER_MIX, ORDER_RESIZE, ORDER_FREEZE, ORDER_AVERAGE = 10, 20, 60, 70
 
 
 @dataclass(frozen=True)
@@ -20,10 +49,151 @@ class Technique:
     enabled: Callable[[Recipe], bool]
     disable: Callable[[Recipe], Recipe]  # the same recipe without this technique
     process_wide: bool = False  # once on, stays on for the rest of the process (in-process ablation can't undo it)
+    stage: Stage | None = None  # when ``apply`` runs; None: a switch read by the trainer's own parts
+    apply: Callable[[Assembly], object | None] | None = None  # changes the assembly; may return a fit hook
+    order: int = 50  # within its stage, and its hook's place among the fit hooks
+    needs: tuple[str, ...] = ()  # model capabilities (CAPABILITIES) it cannot work without
 
 
 def _set(recipe: Recipe, section: str, **values) -> Recipe:
     return replace(recipe, **{section: replace(getattr(recipe, section), **values)})
+
+
+# ---------------------------------------------------------------- what techniques need of a model
+
+def _odd_kernel_convs(model: nn.Module) -> list:
+    """Ungrouped convs with odd kernels and trainable weights: those ``dirac-init`` starts as the identity."""
+    from torch import nn
+
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1 and m.weight.requires_grad
+            and all(k % 2 for k in m.kernel_size)]
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    from speedrun.techniques.normalization import batchnorms
+
+    return bool(batchnorms(model))
+
+
+def _has_residual_ends(model: nn.Module) -> bool:
+    from speedrun.techniques.normalization import RESIDUAL_END, batchnorms
+
+    return any(getattr(bn, RESIDUAL_END, False) for bn in batchnorms(model))
+
+
+# name -> (a test on the built model, what the model must have, said in an error when it has not)
+CAPABILITIES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "init_from_data": (lambda m: callable(getattr(m, "init_from_data", None)),
+                       "a method init_from_data(images) that sets its first layer from training images"),
+    "stem_parameters": (lambda m: callable(getattr(m, "stem_parameters", None)),
+                        "a method stem_parameters() returning the parameters of its first layer"),
+    "residual_ends": (_has_residual_ends, "BatchNorm layers marked as the end of a residual branch "
+                                          "(speedrun.techniques.normalization.mark_residual_end)"),
+    "batchnorm": (_has_batchnorm, "BatchNorm layers"),
+    "odd_kernel_convs": (lambda m: bool(_odd_kernel_convs(m)), "trainable ungrouped convolutions with odd kernels"),
+}
+
+
+# ---------------------------------------------------------------- what the records apply
+
+def _retain_memory(a: Assembly) -> None:
+    from speedrun.techniques.allocator import retain_freed_memory
+
+    retain_freed_memory()
+
+
+def _zero_init_residual(a: Assembly) -> None:
+    from speedrun.techniques.normalization import zero_init_residual_bn
+
+    zero_init_residual_bn(a.model)
+
+
+def _bn_momentum(a: Assembly) -> None:
+    from speedrun.techniques.normalization import set_bn_momentum
+
+    set_bn_momentum(a.model, a.recipe.model.bn_momentum)
+
+
+def _frozen_bn_scale(a: Assembly) -> None:
+    from speedrun.techniques.normalization import freeze_bn_scales
+
+    freeze_bn_scales(a.model)
+
+
+def _dirac(a: Assembly) -> None:
+    from speedrun.techniques.conv_init import dirac_init_
+
+    for conv in _odd_kernel_convs(a.model):
+        dirac_init_(conv)
+
+
+def _whiten(a: Assembly) -> None:
+    # Inside the clock and redone by every run: it reads training images (airbench whitens on 5,000).
+    a.model.init_from_data(a.train_loader.sample(a.init_images))
+
+
+def _channels_last(a: Assembly) -> None:
+    import torch
+
+    a.model = a.model.to(memory_format=torch.channels_last)
+
+
+def _freeze_stem(a: Assembly) -> object | None:
+    from speedrun.techniques.freezing import FreezeStem, freeze_
+
+    if a.recipe.model.stem_train_frac == 0:  # never trained: frozen before the optimizer collects parameters
+        freeze_(a.model.stem_parameters())
+        return None
+    return FreezeStem(a.model.stem_parameters(), after_frac=a.recipe.model.stem_train_frac)
+
+
+def _mix(a: Assembly) -> object:
+    from speedrun.techniques.mixing import MixBatch
+
+    d = a.recipe.data
+    return MixBatch(a.num_classes, mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha, prob=d.mix_prob,
+                    seed=a.seed)
+
+
+def _resize(a: Assembly) -> object:
+    from speedrun.techniques.resizing import ProgressiveResize
+
+    return ProgressiveResize(a.recipe.data, native=a.native_size)
+
+
+def _lookahead(a: Assembly) -> object:
+    from speedrun.techniques.averaging import Lookahead
+
+    return Lookahead(a.recipe.average)
+
+
+def _ema(a: Assembly) -> object:
+    from speedrun.techniques.averaging import EMA
+
+    return EMA(a.recipe.average)
+
+
+def _label_smoothing(a: Assembly) -> None:
+    import functools
+
+    from speedrun.techniques.label_smoothing import smoothed_cross_entropy
+
+    a.loss_fn = functools.partial(smoothed_cross_entropy, smoothing=a.recipe.train.label_smoothing)
+
+
+def _mixed_precision(a: Assembly) -> None:
+    import torch
+
+    from speedrun.techniques.precision import autocast_for
+
+    a.autocast = autocast_for(a.precision, a.device)
+    a.grad_scaler = torch.amp.GradScaler(a.device.type) if a.precision == "fp16" else None
+
+
+def _compile(a: Assembly) -> None:
+    from speedrun.techniques.compile import compile_model
+
+    a.net = compile_model(a.model, a.recipe, native=a.native_size)
 
 
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
@@ -58,7 +228,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "over-confident networks, short schedules",
         "none", "train.label_smoothing",
         lambda r: r.train.label_smoothing > 0,
-        lambda r: _set(r, "train", label_smoothing=0.0)),
+        lambda r: _set(r, "train", label_smoothing=0.0),
+        stage="train", apply=_label_smoothing),
     Technique(
         "flip",
         "mirrors a random half of each batch left-right",
@@ -90,7 +261,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "compute-bound training of convnets on larger images; less so at 28 px",
         "a batched antialiased resize per step", "data.resize_start_scale, data.resize_full_frac",
         lambda r: r.data.resize_start_scale < 1.0,
-        lambda r: _set(r, "data", resize_start_scale=1.0)),
+        lambda r: _set(r, "data", resize_start_scale=1.0),
+        stage="train", apply=_resize, order=ORDER_RESIZE),
     Technique(
         "resize-batch-scaling",
         "with progressive resizing, batch size x (full/size)^2 (at most 4x) at low resolution, LR scaled alike",
@@ -122,7 +294,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "long schedules and large models that overfit; slows convergence of short runs",
         "a batched lerp per mixed batch", "data.mixup_alpha, data.mix_prob",
         lambda r: r.data.mixup_alpha > 0,
-        lambda r: _set(r, "data", mixup_alpha=0.0)),
+        lambda r: _set(r, "data", mixup_alpha=0.0),
+        stage="train", apply=_mix, order=ORDER_MIX),
     Technique(
         "cutmix",
         "pastes a random box of one image into another; labels mix by the pasted area",
@@ -130,7 +303,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "long schedules and large models that overfit; slows convergence of short runs",
         "a batched copy per mixed batch", "data.cutmix_alpha, data.mix_prob",
         lambda r: r.data.cutmix_alpha > 0,
-        lambda r: _set(r, "data", cutmix_alpha=0.0)),
+        lambda r: _set(r, "data", cutmix_alpha=0.0),
+        stage="train", apply=_mix, order=ORDER_MIX),
     Technique(
         "channels-last",
         "NHWC memory format for activations and conv weights",
@@ -138,7 +312,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "convolutions on oneDNN (CPU) and tensor cores (GPU): ~1.5x on this CPU",
         "none", "train.channels_last",
         lambda r: r.train.channels_last,
-        lambda r: _set(r, "train", channels_last=False)),
+        lambda r: _set(r, "train", channels_last=False),
+        stage="model", apply=_channels_last, order=40),
     Technique(
         "retain-memory",
         "keeps freed blocks in the process (glibc mallopt) so steps stop page-faulting their buffers back in",
@@ -148,7 +323,7 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "train.retain_memory",
         lambda r: r.train.retain_memory,
         lambda r: _set(r, "train", retain_memory=False),
-        process_wide=True),
+        process_wide=True, stage="start", apply=_retain_memory),
     Technique(
         "no-decay-norm-bias",
         "no weight decay on BatchNorm parameters and biases",
@@ -164,7 +339,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "noisy final phase of short schedules; airbench found it needs fast BN momentum",
         "one lerp and copy of the weights every k steps", "average.kind, average.every, average.decay",
         lambda r: r.average.kind == "lookahead",
-        lambda r: _set(r, "average", kind="none")),
+        lambda r: _set(r, "average", kind="none"),
+        stage="train", apply=_lookahead, order=ORDER_AVERAGE),
     Technique(
         "ema",
         "keeps a bias-corrected exponential moving average of the weights; evaluations and the final model use it",
@@ -173,7 +349,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "a copy of the weights; one lerp of them every k steps",
         "average.kind=ema, average.decay (per step), average.every",
         lambda r: r.average.kind == "ema",
-        lambda r: _set(r, "average", kind="none")),
+        lambda r: _set(r, "average", kind="none"),
+        stage="train", apply=_ema, order=ORDER_AVERAGE),
     Technique(
         "zero-init-residual",
         "starts each residual block as the identity: γ = 0 in the BatchNorm that ends its branch",
@@ -181,7 +358,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "residual nets at a high LR or large batch (needs a model that marks its residual BNs)",
         "none", "model.zero_init_residual",
         lambda r: r.model.zero_init_residual,
-        lambda r: _set(r, "model", zero_init_residual=False)),
+        lambda r: _set(r, "model", zero_init_residual=False),
+        stage="model", apply=_zero_init_residual, order=10, needs=("residual_ends",)),
     Technique(
         "bn-momentum",
         "sets every BatchNorm's running-statistics momentum (PyTorch's: the weight of the new batch)",
@@ -189,7 +367,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "short schedules and weight averaging, where weights move faster than the default 0.1 follows",
         "none", "model.bn_momentum",
         lambda r: r.model.bn_momentum is not None,
-        lambda r: _set(r, "model", bn_momentum=None)),
+        lambda r: _set(r, "model", bn_momentum=None),
+        stage="model", apply=_bn_momentum, order=10, needs=("batchnorm",)),
     Technique(
         "frozen-bn-scale",
         "keeps every BatchNorm γ at its initial 1, untrained; the next layer's weights absorb the scale",
@@ -197,7 +376,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "BN followed by a conv or linear layer; short schedules",
         "none (fewer parameters to update)", "model.bn_frozen_scale",
         lambda r: r.model.bn_frozen_scale,
-        lambda r: _set(r, "model", bn_frozen_scale=False)),
+        lambda r: _set(r, "model", bn_frozen_scale=False),
+        stage="model", apply=_frozen_bn_scale, order=10, needs=("batchnorm",)),
     Technique(
         "bn-bias-lr",
         "trains BatchNorm biases at a multiple of the LR, in a param group of their own (same decay per step)",
@@ -205,7 +385,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "BN nets with frozen or slow scales, short schedules",
         "none", "optim.bias_lr_scale",
         lambda r: r.optim.bias_lr_scale != 1.0,
-        lambda r: _set(r, "optim", bias_lr_scale=1.0)),
+        lambda r: _set(r, "optim", bias_lr_scale=1.0),
+        needs=("batchnorm",)),
     Technique(
         "lr-scaling",
         "optim.lr is stated for optim.lr_batch_size examples and scaled linearly to train.batch_size",
@@ -277,7 +458,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         lambda r: r.model.stem == "whiten",
         # A trainable first layer in its place; one frozen from the start would stay at its random init.
         lambda r: _set(r, "model", stem="conv",
-                       stem_train_frac=r.model.stem_train_frac if r.model.stem_train_frac > 0 else 1.0)),
+                       stem_train_frac=r.model.stem_train_frac if r.model.stem_train_frac > 0 else 1.0),
+        stage="model", apply=_whiten, order=30, needs=("init_from_data",)),
     Technique(
         "stem-freezing",
         "the first layer's trainable parameters (a whitening stem's bias or the BatchNorm after it) "
@@ -286,17 +468,76 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "a frozen or cheap first layer whose few trainable parameters settle early, at high resolution",
         "none; the rest of the schedule skips the first layers' backward", "model.stem_train_frac",
         lambda r: r.model.stem_train_frac < 1.0,
-        lambda r: _set(r, "model", stem_train_frac=1.0)),
+        lambda r: _set(r, "model", stem_train_frac=1.0),
+        stage="model", apply=_freeze_stem, order=ORDER_FREEZE, needs=("stem_parameters",)),
     Technique(
         "dirac-init",
-        "starts the first min(in, out) filters of each 3x3 conv as the identity, the rest random",
+        "starts the first min(in, out) filters of each trainable odd-kernel conv (3x3, ...) as the identity, the rest random",
         "airbench (an implicit residual for a net without skip connections)",
         "deeper plain (non-residual) conv nets trained briefly",
         "none", "model.dirac",
         lambda r: r.model.dirac,
-        lambda r: _set(r, "model", dirac=False)),
+        lambda r: _set(r, "model", dirac=False),
+        stage="model", apply=_dirac, order=20, needs=("odd_kernel_convs",)),
+    Technique(
+        "mixed-precision",
+        "convolutions and matmuls in bf16 (fp16 with loss scaling on CUDA GPUs without bf16) under autocast; "
+        "weights, BatchNorm statistics and the optimizer stay fp32",
+        "Micikevicius et al. 2018 (mixed precision training); every DAWNBench/MLPerf GPU entry",
+        "GPUs with tensor cores, CPUs with native bf16 (AVX-512 BF16, AMX); slower than fp32 where bf16 is "
+        "emulated (train.precision=auto then picks fp32, and ablating it changes nothing)",
+        "none where native; bf16 rounding of activations", "train.precision (auto, bf16, fp16; fp32: off)",
+        lambda r: r.train.precision != "fp32",
+        lambda r: _set(r, "train", precision="fp32"),
+        stage="train", apply=_mixed_precision),
+    Technique(
+        "compile",
+        "torch.compile of the model: TorchInductor fuses the elementwise work around convolutions and matmuls",
+        "PyTorch 2 (Ansel et al. 2024); airbench, nanoGPT",
+        "GPUs and long runs, where a step's memory-bound ops dominate; the compile time is inside the clock",
+        "compilation at the start of each run (tens of seconds) and at each new input size",
+        "train.compile",
+        lambda r: r.train.compile,
+        lambda r: _set(r, "train", compile=False),
+        stage="train", apply=_compile, order=90),
 )}
 
 
 def enabled_techniques(recipe: Recipe) -> list[str]:
     return [t.name for t in TECHNIQUES.values() if t.enabled(recipe)]
+
+
+def enabled_records(recipe: Recipe) -> list[Technique]:
+    return [t for t in TECHNIQUES.values() if t.enabled(recipe)]
+
+
+def without(recipe: Recipe, names: Iterable[str]) -> Recipe:
+    """``recipe`` with each named technique taken out (its record's ``disable``); an unknown name is an error."""
+    for name in names:
+        if name not in TECHNIQUES:
+            raise ConfigError(f"unknown technique {name!r}; known: {', '.join(TECHNIQUES)}")
+        recipe = TECHNIQUES[name].disable(recipe)
+    return recipe
+
+
+def check_model(recipe: Recipe, model: Any, *, model_name: str) -> None:
+    """Raise ConfigError, naming the missing piece, when an enabled technique needs something ``model``
+    (a built module) lacks. Called on a probe model before a run's clock starts."""
+    for t in enabled_records(recipe):
+        for need in t.needs:
+            test, what = CAPABILITIES[need]
+            if not test(model):
+                raise ConfigError(f"technique {t.name} ({t.switch}) needs a model with {what}; model {model_name} "
+                                  f"has none: leave it out with --without {t.name}")
+
+
+def assemble(asm: Assembly, stage: Stage) -> None:
+    """Apply each enabled record of ``stage`` to ``asm`` in order; hooks they return join ``asm.hooks``."""
+    done: set[Callable] = set()
+    for t in sorted((t for t in enabled_records(asm.recipe) if t.stage == stage and t.apply), key=lambda t: t.order):
+        if t.apply in done:  # mixup and CutMix share one batch mixer
+            continue
+        done.add(t.apply)
+        hook = t.apply(asm)
+        if hook is not None:
+            asm.hooks.append((t.order, hook))

@@ -1,7 +1,6 @@
 """``speedrun.train``: assemble a recipe into a model, data and hooks, run it against the clock, record it."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import math
@@ -9,30 +8,28 @@ import re
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from speedrun import data as datalib
 from speedrun.config import ConfigError, Recipe
-from speedrun.env import compile_problem, cpu_has_native_bf16, environment
+from speedrun.env import compile_problem, environment, resolve_precision
+from speedrun.inference import Classifier
 from speedrun.measure.clock import Clock
-from speedrun.measure.flops import matmul_peak, train_flops_per_image
-from speedrun.models import build_model, check_model_config
+from speedrun.measure.flops import matmul_peak, precision_dtype, train_flops_per_image
+from speedrun.models import ModelArg, build_model, check_model_config, check_output, is_import_path, model_label
 from speedrun.store import RunStore, StoreError, new_run_id
-from speedrun.techniques.allocator import retain_freed_memory
-from speedrun.techniques.averaging import EMA, Lookahead
-from speedrun.techniques.freezing import FreezeStem, freeze_, frozen
-from speedrun.techniques.label_smoothing import smoothed_cross_entropy
-from speedrun.techniques.large_batch import LAMB, LARS, linear_scaled_lr, weight_decay_coefficient
-from speedrun.techniques.normalization import apply_norm_options, norm_biases
-from speedrun.techniques.mixing import MixBatch
-from speedrun.techniques.muon import Muon
-from speedrun.techniques.resizing import ProgressiveResize, progressive_sizes
+from speedrun.techniques import registry
+from speedrun.techniques.optimizers import build_optimizer
 from speedrun.techniques.schedules import LRSchedule
+from speedrun.train.assembly import Assembly
 from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget
 from speedrun.train.loop import FitState, fit
+
+# Fit-hook positions of the trainer's own hooks, among the techniques' (speedrun.techniques.registry).
+ORDER_SCHEDULE, ORDER_GUARD, ORDER_EVAL, ORDER_USER, ORDER_BUDGET, ORDER_PROGRESS = 30, 40, 50, 85, 90, 95
 
 
 @dataclass(frozen=True)
@@ -91,15 +88,31 @@ class TrainResult:
     torch_version: str
     env: dict
     curve: list[EvalPoint]
-    model: nn.Module | None = field(default=None, repr=False)
+    model: nn.Module | None = field(default=None, repr=False)  # the trained network, in eval mode
+    classifier: Classifier | None = field(default=None, repr=False)  # the model with its data's conventions
     store_error: str | None = None  # set when the run could not be recorded
 
     @property
     def reached(self) -> bool:
         return self.outcome == "reached"
 
+    def predict(self, images) -> torch.Tensor:
+        """Class probabilities (N, classes) for uint8 images, or floats in [0, 1], normalized and
+        test-time augmented as the run's evaluations were (``Classifier.predict``)."""
+        return self._trained().predict(images)
+
+    def save(self, path: str | Path) -> Path:
+        """Save the trained model for ``speedrun.load`` / ``speedrun predict`` (``Classifier.save``)."""
+        return self._trained().save(path)
+
+    def _trained(self) -> Classifier:
+        if self.classifier is None:
+            raise ConfigError(f"run {self.run_id} has no trained model ({self.outcome}: {self.detail})")
+        return self.classifier
+
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k not in ("model", "recipe", "curve", "store_error")}
+        skip = ("model", "classifier", "recipe", "curve", "store_error")
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
         return {**d, "recipe": self.recipe.name, "reached": self.reached,
                 "curve": [asdict(p) for p in self.curve]}
 
@@ -128,61 +141,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on GPUs that support it (else fp16), bf16 on CPUs with native bf16, else fp32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return precision
-
-
-def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """Param groups with ``peak_lr`` set (the schedule scales it).
-
-    Groups: weights (decayed; layer-wise adapted by LARS and LAMB); norm parameters and biases
-    (decay-free unless ``optim.bn_weight_decay``; never adapted, as in the LARS paper and MLPerf);
-    with ``optim.bias_lr_scale``, BatchNorm biases apart at that multiple of the LR. The LR follows
-    ``linear_scaled_lr`` and each group's decay ``weight_decay_coefficient``. With ``optim.name=muon``
-    the filter banks (more than 2 dims) form a group of their own, orthogonalized, at ``optim.muon_lr``.
-    """
-    cfg = recipe.optim
-    peak_lr = linear_scaled_lr(cfg.lr, batch_size=recipe.train.batch_size, reference_batch_size=cfg.lr_batch_size)
-    scaled = {id(p) for p in norm_biases(model)} if cfg.bias_lr_scale != 1.0 else set()
-    weights, small, biases = [], [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (biases if id(p) in scaled else small if p.ndim <= 1 else weights).append(p)
-    filters = [p for p in weights if p.ndim > 2] if cfg.name == "muon" else []
-    weights = [p for p in weights if p.ndim <= 2] if filters else weights
-    groups = [dict(params=filters, lr=cfg.muon_lr, peak_lr=cfg.muon_lr, weight_decay=0.0, adapt=False,
-                   orthogonal=True)] if filters else []
-    for params, lr_scale, decays, adapt in ((weights, 1.0, True, True), (small, 1.0, cfg.bn_weight_decay, False),
-                                            (biases, cfg.bias_lr_scale, cfg.bn_weight_decay, False)):
-        if params:
-            lr = peak_lr * lr_scale
-            wd = weight_decay_coefficient(cfg.weight_decay, group_lr=lr, base_lr=peak_lr,
-                                          batch_size=recipe.train.batch_size, wd_batch_size=cfg.wd_batch_size)
-            groups.append(dict(params=params, lr=lr, peak_lr=lr, weight_decay=wd if decays else 0.0, adapt=adapt))
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=peak_lr)
-    if cfg.name == "adadelta":
-        return torch.optim.Adadelta(groups, lr=peak_lr)
-    if cfg.name == "lars":
-        return LARS(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                    trust_coefficient=cfg.trust_coefficient)
-    if cfg.name == "lamb":
-        return LAMB(groups, lr=peak_lr)
-    if cfg.name == "muon":
-        return Muon(groups, lr=peak_lr, momentum=cfg.momentum, muon_momentum=cfg.muon_momentum,
-                    nesterov=cfg.nesterov)
-    raise ConfigError(f"unknown optimizer {cfg.name!r}")
-
-
 def _store_for(store: RunStore | str | Path | bool | None) -> RunStore | None:
     from speedrun.paths import default_store
 
@@ -193,19 +151,25 @@ def _store_for(store: RunStore | str | Path | bool | None) -> RunStore | None:
     return RunStore(default_store() if store is True else store)
 
 
-def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | None = None,
+def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = None, data: str | Path | None = None,
           target: float | None = None, seed: int = 0, budget: str | float | Budget | None = None,
           device: str = "auto", threads: int | None = None, store: RunStore | str | Path | bool | None = True,
           progress: bool = False, stop_at_target: bool = True, group_id: str | None = None,
+          without: Sequence[str] = (), hooks: Sequence[object] = (),
           overrides: Mapping[str, Any] | None = None, **kw_overrides: Any) -> TrainResult:
     """Train ``recipe`` until held-out accuracy reaches ``target`` (default: the recipe's), and time it.
 
+    ``model``: the recipe's own (None), a registered name, an import path ``package.module:factory``,
+    a factory called as ``factory(in_channels=, num_classes=, image_size=)``, or an ``nn.Module``
+    (trained in place, from its own initialisation: the seed then sets data order and augmentation).
+    ``without`` names catalog techniques to take out of the recipe; ``hooks`` are fit hooks of your
+    own (objects with methods named after the loop's events), run after the techniques' hooks.
     Overrides are dotted keys (``{"optim.lr": 1.0}``) or keywords with ``__`` for the dot
     (``train__epochs=3``). The run is recorded in ``store`` (the default store, a path, a RunStore,
     or None); a store that cannot be written raises StoreError before training starts.
 
     >>> result = speedrun.train("fashion-mnist", train__epochs=1, target=0.85)  # doctest: +SKIP
-    >>> result.time_to_accuracy_s, result.model  # doctest: +SKIP
+    >>> result.time_to_accuracy_s, result.predict(images)  # doctest: +SKIP
     """
     values = dict(overrides or {})
     values.update({k.replace("__", "."): v for k, v in kw_overrides.items()})
@@ -213,7 +177,9 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
         values["data.source"] = str(data)
     if target is not None:
         values["target"] = target
-    recipe = resolve_recipe(recipe).override(values)
+    if model is not None:
+        values["model.name"] = model_label(model)
+    recipe = registry.without(resolve_recipe(recipe).override(values), without)
     budget = Budget.parse(budget)
     dev = resolve_device(device)
     if threads is not None:
@@ -224,6 +190,7 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
     if recipe.train.compile and (problem := compile_problem(dev)):
         raise ConfigError(problem)
     check_model_config(recipe.model)
+    source_model = None if model is None or isinstance(model, str) else model
 
     # One-time preparation, timed apart from the run.
     if not recipe.data.source:
@@ -232,6 +199,7 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
     folder_options = {"max_size": recipe.data.max_size} if recipe.data.max_size else {}
     source = datalib.resolve(recipe.data.source, **folder_options)
     prepared = datalib.prepare(source)
+    check_run(recipe, datalib.load_prepared(prepared.directory, mmap=True), source_model)
 
     env = {**environment(dev), "precision": precision}
     run_store = _store_for(store)
@@ -244,16 +212,16 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
     on_point = _point_recorder(run_store, run_id) if run_store else None
     state: FitState | None = None
     evaluator: Evaluator | None = None
+    parts: Parts | None = None
     error: str | None = None
-    model = None
     # Library start-up belongs with `import torch`, outside the clock: torch.optim imports torch._dynamo
     # when the first optimizer is built (1.5-1.9 s on the 2-core CPU), which otherwise lands in the first
     # run of each process (every `speedrun train`) and not in later ones.
     importlib.import_module("torch._dynamo")
     clock.start()  # MLPerf: before the dataset is touched
     try:
-        state, evaluator, model = _run(recipe, prepared, dev, precision, seed, budget, clock, progress,
-                                       stop_at_target, on_point)
+        parts = build_parts(recipe, prepared.directory, dev, precision, seed, model=source_model)
+        state, evaluator = _fit(recipe, parts, dev, budget, clock, progress, stop_at_target, on_point, hooks)
     except KeyboardInterrupt:
         error = "interrupted before training started"
     except Exception as e:  # recorded as a failed run, never lost
@@ -261,7 +229,7 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
         env = {**env, "traceback": traceback.format_exc()}
     total = clock.stop()
 
-    result = _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, total, dev, precision,
+    result = _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, total, dev, precision,
                      env, error)
     if run_store:
         try:
@@ -271,6 +239,25 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path | N
         except StoreError as e:  # the training result must not be lost with the store
             result.store_error = str(e)
     return result
+
+
+def check_run(recipe: Recipe, images: datalib.ImageSet, model: Callable[..., nn.Module] | nn.Module | None) -> None:
+    """Refuse, before the clock starts, what would only fail inside it: a batch larger than the training
+    set, a model that does not fit the data, a technique the model lacks the structure for.
+
+    The model is checked on a probe built here (on the CPU, from the same factory), so a run's own model
+    is still built inside the clock; a user's module is checked as it is.
+    """
+    n = len(images.train_labels)
+    if recipe.train.batch_size > n:
+        raise ConfigError(f"train.batch_size {recipe.train.batch_size} exceeds the {n:,} training images; "
+                          f"set --set train.batch_size={min(n, 256)} or smaller")
+    dims = dict(in_channels=images.channels, num_classes=images.num_classes, image_size=images.image_size)
+    with torch.random.fork_rng(devices=[]):  # the probe's initialisation must not move the global RNG
+        probe = model if isinstance(model, nn.Module) else build_model(recipe.model, factory=model, **dims)
+    if model is not None or is_import_path(recipe.model.name):  # registered models are known to fit
+        check_output(probe, recipe.model.name, **dims)
+    registry.check_model(recipe, probe, model_name=recipe.model.name)
 
 
 def _point_recorder(store: RunStore, run_id: str) -> Callable[[EvalPoint], None]:
@@ -332,120 +319,81 @@ class Parts:
     autocast: Callable[[], ContextManager]
     grad_scaler: torch.amp.GradScaler | None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    hooks: list[tuple[int, object]]  # the techniques' fit hooks, with their order
 
 
-def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: str, seed: int) -> Parts:
-    """Loaders, model, optimizer, autocast and loss of ``recipe`` on ``dev``; seeds the global RNG first
-    (model initialisation)."""
+def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: str, seed: int, *,
+                model: Callable[..., nn.Module] | nn.Module | None = None) -> Parts:
+    """Loaders, model, optimizer, autocast, loss and technique hooks of ``recipe`` on ``dev``; seeds the
+    global RNG first (model initialisation). ``model``: a factory or a module in place of the recipe's.
+
+    The enabled techniques are applied in two stages (``registry.assemble``): to the built model before
+    the optimizer collects its parameters, then to the rest once the optimizer exists.
+    """
     torch.manual_seed(seed)
-    if recipe.train.retain_memory:
-        retain_freed_memory()
     images, train_loader, test_loader, loader_kind = build_loaders(recipe, directory, dev, seed)
-    if len(train_loader) == 0:
-        raise ConfigError(f"train.batch_size {recipe.train.batch_size} exceeds the {len(images.train_labels)} "
-                          "training images")
-
-    model = build_model(recipe.model, in_channels=images.channels, num_classes=images.num_classes,
-                        image_size=images.image_size).to(dev)
-    apply_norm_options(model, recipe.model)
-    if hasattr(model, "init_from_data"):  # data-dependent init (patch whitening): inside the clock, redone each run
-        model.init_from_data(train_loader.sample(INIT_IMAGES))
-    if recipe.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if recipe.model.stem_train_frac == 0:  # never trained: left out of the optimizer
-        freeze_(model.stem_parameters())
-    optimizer = build_optimizer(model, recipe)
-    net = compile_model(model, recipe, native=min(images.image_size)) if recipe.train.compile else model
-    smoothing = recipe.train.label_smoothing
+    dims = dict(in_channels=images.channels, num_classes=images.num_classes, image_size=images.image_size)
+    net = model if isinstance(model, nn.Module) else build_model(recipe.model, factory=model, **dims)
+    asm = Assembly(recipe=recipe, device=dev, precision=precision, seed=seed, num_classes=images.num_classes,
+                   image_size=images.image_size, train_loader=train_loader, model=net.to(dev), init_images=INIT_IMAGES)
+    registry.assemble(asm, "model")
+    asm.optimizer = build_optimizer(asm.model, recipe)
+    asm.net = asm.model
+    registry.assemble(asm, "train")
     return Parts(images=images, loader_kind=loader_kind, train_loader=train_loader, test_loader=test_loader,
-                 model=model, net=net, optimizer=optimizer,
-                 autocast=autocast_for(precision, dev),
-                 grad_scaler=torch.amp.GradScaler(dev.type) if precision == "fp16" else None,
-                 loss_fn=lambda logits, y: smoothed_cross_entropy(logits, y, smoothing))
+                 model=asm.model, net=asm.net, optimizer=asm.optimizer, autocast=asm.autocast,
+                 grad_scaler=asm.grad_scaler, loss_fn=asm.loss_fn, hooks=asm.hooks)
 
 
-def compiled_graphs(recipe: Recipe, native: int) -> int:
-    """How many graphs torch.compile builds for a run: one per training image size (progressive
-    resizing visits several), one for evaluation (no autograd) and one for its last, smaller batch,
-    and one more when the stem freezes mid-run (fewer inputs need a gradient)."""
-    d = recipe.data
-    sizes = progressive_sizes(native=native, start_scale=d.resize_start_scale, full_frac=d.resize_full_frac)
-    return len(sizes) + 2 + (0 < recipe.model.stem_train_frac < 1)
-
-
-def compile_model(model: nn.Module, recipe: Recipe, *, native: int) -> nn.Module:
-    """``torch.compile`` with dynamo's recompile limit raised to cover every input shape of the run.
-
-    Dynamo recompiles on a new input shape and, past its recompile limit (8 by default), silently runs
-    the model eagerly from then on. Whether a new size gets a static graph of its own or turns the graph
-    dynamic depends on the torch version (2.13 on a CPU compiled each size statically; 2.11 on a GPU went
-    dynamic), so the limit is raised to the worst case, one graph per shape (``compiled_graphs``): a
-    ResNet-50 resized from 64 to 128 px in 4-px steps meets 17 sizes.
-    """
-    import torch._dynamo
-
-    limit = compiled_graphs(recipe, native)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    return torch.compile(model)
-
-
-def autocast_for(precision: str, dev: torch.device) -> Callable[[], ContextManager]:
-    """A factory of the forward pass's autocast context: none for fp32.
-
-    Under CPU autocast, convs and linears run in bf16; batch norm is not on autocast's lists, so it
-    takes the conv's bf16 output, normalises it with fp32 statistics and fp32 affine parameters,
-    updates fp32 running stats and returns bf16 (tests/test_precision.py checks this).
-    """
-    if precision not in ("bf16", "fp16"):
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return functools.partial(torch.autocast, dev.type, dtype=dtype)
-
-
-def _run(recipe: Recipe, prepared, dev: torch.device, precision: str, seed: int, budget: Budget,
-         clock: Clock, progress: bool, stop_at_target: bool,
-         on_point: Callable[[EvalPoint], None] | None = None) -> tuple[FitState, Evaluator, nn.Module]:
-    parts = build_parts(recipe, prepared.directory, dev, precision, seed)
-    images, train_loader, test_loader, model = parts.images, parts.train_loader, parts.test_loader, parts.model
-
-    spe = len(train_loader)
+def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock: Clock, progress: bool,
+         stop_at_target: bool, on_point: Callable[[EvalPoint], None] | None,
+         user_hooks: Sequence[object]) -> tuple[FitState, Evaluator]:
+    spe = len(parts.train_loader)
     schedule_steps = max(1, math.ceil(recipe.train.epochs * spe))
     max_steps = schedule_steps if budget.epochs is None else min(schedule_steps, math.ceil(budget.epochs * spe))
     state = FitState(model=parts.net, optimizer=parts.optimizer, autocast=parts.autocast,
-                     grad_scaler=parts.grad_scaler, loss_fn=parts.loss_fn, loader=train_loader,
+                     grad_scaler=parts.grad_scaler, loss_fn=parts.loss_fn, loader=parts.train_loader,
                      schedule_steps=schedule_steps, max_steps=max_steps,
                      step_images=recipe.train.batch_size,  # the schedule counts images
                      extras={"loader": parts.loader_kind})
     ev = recipe.eval
-    evaluator = Evaluator(test_loader, clock=clock, target=recipe.target if stop_at_target else None,
+    evaluator = Evaluator(parts.test_loader, clock=clock, target=recipe.target if stop_at_target else None,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
                           every_s=ev.every_s, start_step=math.ceil(ev.start_frac * schedule_steps),
                           tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px, on_point=on_point)
-    hooks: list[object] = [LRSchedule(recipe.schedule, momentum=recipe.optim.momentum),
-                           DivergenceGuard(1 if dev.type == "cpu" else 25),
-                           evaluator]
-    if recipe.data.resize_start_scale < 1.0:
-        hooks.insert(0, ProgressiveResize(recipe.data, native=min(images.image_size)))
-    if recipe.data.mixup_alpha > 0 or recipe.data.cutmix_alpha > 0:
-        hooks.insert(0, MixBatch(images.num_classes, mixup_alpha=recipe.data.mixup_alpha,
-                                 cutmix_alpha=recipe.data.cutmix_alpha, prob=recipe.data.mix_prob, seed=seed))
-    if 0 < recipe.model.stem_train_frac < 1:
-        hooks.append(FreezeStem(model.stem_parameters(), after_frac=recipe.model.stem_train_frac))
-    if recipe.average.kind == "lookahead":
-        # Listed after the evaluator: after_* events run in reverse, so evaluations see averaged weights.
-        hooks.append(Lookahead(recipe.average))
-    if recipe.average.kind == "ema":  # after the evaluator for the same reason: it hands over the average
-        hooks.append(EMA(recipe.average))
+    hooks = [*parts.hooks, (ORDER_SCHEDULE, LRSchedule(recipe.schedule, momentum=recipe.optim.momentum)),
+             (ORDER_GUARD, DivergenceGuard(1 if dev.type == "cpu" else 25)), (ORDER_EVAL, evaluator),
+             *((ORDER_USER, h) for h in user_hooks)]
     if budget.seconds is not None:
-        hooks.append(TimeBudget(budget.seconds, clock))
+        hooks.append((ORDER_BUDGET, TimeBudget(budget.seconds, clock)))
     if progress:
-        hooks.append(ProgressBar(clock))
-    fit(state, hooks)
-    state.extras["example"] = next(test_loader.epoch(0))[0][:2]
-    return state, evaluator, model
+        hooks.append((ORDER_PROGRESS, ProgressBar(clock)))
+    fit(state, [h for _, h in sorted(hooks, key=lambda pair: pair[0])])  # stable: equal orders keep their order
+    state.extras["example"] = next(parts.test_loader.epoch(0))[0][:2]
+    return state, evaluator
 
 
-def _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, total, dev, precision, env,
+def _count_flops(parts: Parts, state: FitState) -> float:
+    """Forward+backward FLOPs per training image, as the run's steps did them on average: a step after a
+    hook froze parameters (``extras["frozen_from_image"]``, ``extras["frozen_context"]``: stem freezing)
+    does less work, and progressive resizing (``extras["pixel_fraction"]``) trains on fewer pixels."""
+    example = state.extras.pop("example")
+    model = parts.model
+
+    def count() -> float:
+        with state.autocast():
+            return train_flops_per_image(model, example, lambda out: parts.loss_fn(
+                out, torch.zeros(len(out), dtype=torch.long, device=out.device)))
+
+    flops = count()
+    if "frozen_from_image" in state.extras and state.images_seen:  # a hook froze parameters mid-run
+        with state.extras["frozen_context"]():
+            share = (state.images_seen - state.extras["frozen_from_image"]) / state.images_seen
+            flops = (1 - share) * flops + share * count()
+    return flops * state.extras.get("pixel_fraction", 1.0)  # progressive resizing: mean work per image
+
+
+def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, total, dev, precision, env,
             error) -> TrainResult:
     outcome = "failed" if error and "interrupted" not in error else "interrupted" if error else state.outcome
     detail = error or state.detail
@@ -462,23 +410,18 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, tota
     images_seen = state.images_seen if state else 0
     flops = peak = 0.0
     if state is not None and "example" in state.extras:  # counted after the clock stopped
-        smoothing = recipe.train.label_smoothing
-        example = state.extras.pop("example")
-
-        def count() -> float:
-            with state.autocast():
-                return train_flops_per_image(model, example, lambda out: smoothed_cross_entropy(
-                    out, torch.zeros(len(out), dtype=torch.long, device=out.device), smoothing))
-
-        flops = count()
-        frozen_from = state.extras.get("stem_frozen_from_image")
-        if frozen_from is not None and images_seen:  # the steps after the stem froze did less work
-            with frozen(model.stem_parameters()):
-                share = (images_seen - frozen_from) / images_seen
-                flops = (1 - share) * flops + share * count()
-        flops *= state.extras.get("pixel_fraction", 1.0)  # progressive resizing: mean work per image
-        peak_dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
-        peak = matmul_peak(dev, env["device_name"], peak_dtype)
+        flops = _count_flops(parts, state)
+        peak = matmul_peak(dev, env["device_name"], precision_dtype(precision))
+    model = classifier = None
+    if parts is not None and state is not None:  # trained, however far
+        model = parts.model.eval()
+        images, ev = parts.images, recipe.eval
+        classifier = Classifier(model, classes=images.classes, mean=images.mean, std=images.std,
+                                image_size=images.image_size, tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px,
+                                channels_last=recipe.train.channels_last, precision=precision,
+                                recipe=recipe.to_dict(), info={"run_id": run_id, "seed": seed,
+                                                               "dataset": images.name, "outcome": outcome,
+                                                               "accuracy": curve[-1].accuracy if curve else None})
     ips = images_seen / train_s if train_s > 0 else 0.0
     return TrainResult(
         run_id=run_id, recipe=recipe, seed=seed, target=recipe.target, outcome=outcome, detail=detail,
@@ -489,4 +432,4 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, model, clock, tota
         epochs=state.epoch_float if state else 0.0, steps=state.step if state else 0, images_seen=images_seen,
         images_per_s=ips, flops_per_image=flops, flops_per_s=flops * ips, peak_flops=peak,
         mfu=flops * ips / peak if peak else 0.0, device=env["device_name"], torch_version=torch.__version__,
-        env=env, curve=curve, model=model)
+        env=env, curve=curve, model=model, classifier=classifier)
