@@ -377,6 +377,56 @@ def test_a_really_full_disk_while_preparing(tmp_path, synthetic_dir, kind):
     assert proc.returncode == 2 and "it needs about" in proc.stderr and "are free" in proc.stderr
 
 
+# ---------------------------------------------------------------- time budgets and long steps
+
+class FakeClock:
+    """A clock read by the budget hook, advanced by the test: no wall-clock time involved."""
+
+    def __init__(self) -> None:
+        self.now, self.eval_s = 0.0, 0.0
+
+    def elapsed(self, *, sync: bool = True) -> float:
+        return self.now
+
+
+def steps_until_stop(budget: float, step_times: list[float], eval_s: float = 0.0):
+    """Drive the budget hook as the loop does: before each batch, the step, then (optionally) an evaluation."""
+    clock, state = FakeClock(), types.SimpleNamespace(epoch_float=0.0)
+    hook = TimeBudget(budget, clock)
+    done = 0
+    for seconds in step_times:
+        try:
+            hook.before_batch(state)
+        except StopFit as stop:
+            return done, clock.now, stop.detail
+        clock.now += seconds
+        done += 1
+        clock.now += eval_s
+        clock.eval_s += eval_s
+    return done, clock.now, None
+
+
+def test_a_time_budget_stops_before_a_step_that_would_overrun_it():
+    steps, end, detail = steps_until_stop(20, [19.5] * 5)  # the issue's case: the 2nd step ended at 43 s
+    assert steps == 1 and end <= 20
+    assert detail == "time budget of 20 s used up at epoch 0.00 (19.5 s; the next step, ~19.5 s, would overrun it)"
+    assert steps_until_stop(20, [1.0] * 30)[:2] == (20, 20.0)
+    assert steps_until_stop(20, [6.0] + [1.0] * 30)[:2] == (15, 20.0)  # a slow warm-up step is soon forgotten
+    assert steps_until_stop(0.001, [1.0] * 3)[:2] == (1, 1.0)  # the first step always runs
+
+
+def test_evaluations_are_not_taken_for_slow_steps():
+    steps, end, detail = steps_until_stop(22, [1.0] * 30, eval_s=3.0)  # counted as 4 s steps, it would stop at 20 s
+    assert steps == 6 and end == 24.0
+    assert detail == "time budget of 22 s exceeded: 24.0 s at epoch 0.00 (the last step took 1 s and an evaluation 3 s)"
+
+
+def test_a_budget_overrun_by_a_slow_step_is_said():
+    steps, end, detail = steps_until_stop(20, [5, 5, 30, 1])
+    assert steps == 3 and end == 40
+    assert detail == "time budget of 20 s exceeded: 40.0 s at epoch 0.00 (the last step took 30 s)"
+
+
 # ---------------------------------------------------------------- store problems keep the run's exit code
 
 def test_a_store_problem_keeps_the_exit_code_of_an_interrupted_run(capsys, unlearnable_dir, tmp_path, monkeypatch):
