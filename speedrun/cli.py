@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import uuid
@@ -96,19 +97,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     group_id = uuid.uuid4().hex[:10] if args.seeds > 1 else None
     results = []
+    unrecorded = 0
     for i in range(args.seeds):
         seed = args.seed + i
         if args.seeds > 1 and not args.json:
             out.print(f"[dim]seed {seed} ({i + 1}/{args.seeds})[/]")
+        run_seed = functools.partial(train, recipe, model=args.model, data=args.data, target=args.target, seed=seed,
+                                     budget=args.budget, device=args.device, threads=args.threads, without=args.without,
+                                     progress=not args.json and out.is_terminal, group_id=group_id)
         try:
-            r = train(recipe, model=args.model, data=args.data, target=args.target, seed=seed, budget=args.budget,
-                      device=args.device, threads=args.threads, store=store, without=args.without,
-                      progress=not args.json and out.is_terminal, group_id=group_id)
-        except StoreError as e:  # the store broke after opening: keep training unrecorded
+            r = run_seed(store=store)
+        except StoreError as e:  # the store opened but cannot record the run's start: train this seed unrecorded
             store_problem, store = str(e), None
-            err.print(f"[bold red]speedrun: error:[/] {e}", highlight=False)
-            continue
+            err.print(f"[bold red]speedrun: error:[/] {e}; training anyway, the run will not be recorded",
+                      highlight=False)
+            r = run_seed(store=None)
         results.append(r)
+        unrecorded += store is None or bool(r.store_error)
         if r.store_error:
             store_problem, store = r.store_error, None
             err.print(f"[bold red]speedrun: error:[/] {r.store_error}; the result below is not recorded",
@@ -119,8 +124,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             _save_model(r, args.save, seed if args.seeds > 1 else None, quiet=args.json)
         if r.outcome == "interrupted":
             break
-    if not results:
-        return EXIT_USAGE
 
     if args.json:
         payload = results[0].to_dict() if args.seeds == 1 else _seeds_summary(results, group_id)
@@ -132,8 +135,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"min {_fmt_s(s['min_time_to_accuracy_s'])}, max {_fmt_s(s['max_time_to_accuracy_s'])}, "
                   f"CV {s['cv_time_to_accuracy'] or 0:.1%}, MLPerf aggregate "
                   f"{_fmt_s(s['mlperf_time_to_accuracy_s'])}", highlight=False)
-    if store_problem:
-        return EXIT_USAGE
+    if store_problem:  # the runs' own exit code stands; the store's problem was printed as it happened
+        err.print(f"[bold red]speedrun: error:[/] {unrecorded} of {len(results)} run(s) not recorded in the run "
+                  f"store: {store_problem}", highlight=False)
     if any(r.outcome == "interrupted" for r in results):
         return EXIT_INTERRUPTED
     return 0 if all(r.reached for r in results) else EXIT_NOT_REACHED
@@ -269,7 +273,8 @@ def _default_store():
 
 
 def _open_store(args) -> RunStore:
-    return RunStore(args.store or _default_store())
+    """The store a reading command reads: it must exist (a mistyped --store is not created)."""
+    return RunStore(args.store or _default_store(), existing=True)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

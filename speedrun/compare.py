@@ -243,7 +243,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from speedrun.paths import default_store
 
     by = parse_keys(args.by)
-    store = RunStore(args.store or default_store())
+    store = RunStore(args.store or default_store(), existing=True)  # reading never creates a store
     if args.runs:
         runs = [store.get_run(r) for r in args.runs]
     else:

@@ -241,9 +241,16 @@ def load_toml(path: str | Path) -> Recipe:
 
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"recipe file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"recipe {path} is a folder, not a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8 by definition; read_text would use the locale's codec
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save the recipe as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     base = get_recipe(raw.pop("base", "fashion-mnist"))

@@ -8,6 +8,7 @@ keeps its points, and reads back as ``lost`` once its process is gone from this 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -89,17 +90,27 @@ def new_run_id() -> str:
 
 
 class RunStore:
-    def __init__(self, path: str | Path) -> None:
+    """The run store at ``path``, created when missing; with ``existing=True`` (commands that only
+    read) a missing store is an error rather than created, and one that cannot be written (a read-only
+    file system, another user's file) is opened read-only."""
+
+    def __init__(self, path: str | Path, *, existing: bool = False) -> None:
         self.path = Path(path).expanduser()
+        if existing and not self.path.is_file():
+            what = "is not a file" if self.path.exists() else "does not exist"
+            raise StoreError(f"no run store at {self.path}: it {what} (nothing recorded there yet? "
+                             "check --store or SPEEDRUN_STORE)")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=30)
-            _use_wal(self._db, self.path)
-            self._db.executescript(_SCHEMA)
-            _migrate(self._db)
+            if existing and not _writable(self.path):
+                self._db = _connect_read_only(self.path)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, timeout=30)
+                _use_wal(self._db, self.path)
+                self._db.executescript(_SCHEMA)
+                _migrate(self._db)
         except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"cannot open the run store at {self.path}: {e} "
-                             "(set --store or SPEEDRUN_STORE to a writable file)") from None
+            raise StoreError(f"cannot open the run store at {self.path}: {e} ({_remedy(e)})") from None
         self._db.row_factory = sqlite3.Row
 
     def close(self) -> None:
@@ -115,7 +126,14 @@ class RunStore:
                 for sql, params in statements:
                     self._db.execute(sql, params)
         except sqlite3.Error as e:
-            raise StoreError(f"cannot write to the run store at {self.path}: {e}") from None
+            raise StoreError(f"cannot write to the run store at {self.path}: {e} ({_remedy(e)})") from None
+
+    def _read(self, sql: str, params: tuple | list = ()) -> list[sqlite3.Row]:
+        """All rows of a query; a damaged file is a StoreError, not a traceback."""
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the run store at {self.path}: {e} ({_remedy(e)})") from None
 
     def start_run(self, *, run_id: str, recipe_name: str, recipe: dict, env: dict, target: float | None,
                   seed: int, group_id: str | None = None) -> None:
@@ -132,14 +150,24 @@ class RunStore:
         self._write("INSERT INTO run_points (run_id, point_json) VALUES (?, ?)", (run_id, json.dumps(point)))
 
     def finish_run(self, run_id: str, *, outcome: str, detail: str, summary: dict, curve: list[dict]) -> None:
+        """Record how the run ended. When that cannot be written (a full disk), the run is marked
+        ``failed`` with the reason if that much still fits, and StoreError is raised either way: left
+        ``running``, the run would read back as ``lost``, as if its process had been killed."""
         if outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}")
-        self._write_many([
-            ("UPDATE runs SET outcome = ?, detail = ?, time_to_accuracy_s = ?, best_accuracy = ?,"
-             " summary_json = ?, curve_json = ? WHERE id = ?",
-             (outcome, detail, summary.get("time_to_accuracy_s"), summary.get("best_accuracy"),
-              json.dumps(summary), json.dumps(curve), run_id)),
-            ("DELETE FROM run_points WHERE run_id = ?", (run_id,))])  # the full curve is in curve_json now
+        try:
+            self._write_many([
+                ("UPDATE runs SET outcome = ?, detail = ?, time_to_accuracy_s = ?, best_accuracy = ?,"
+                 " summary_json = ?, curve_json = ? WHERE id = ?",
+                 (outcome, detail, summary.get("time_to_accuracy_s"), summary.get("best_accuracy"),
+                  json.dumps(summary), json.dumps(curve), run_id)),
+                ("DELETE FROM run_points WHERE run_id = ?", (run_id,))])  # the full curve is in curve_json now
+        except StoreError as e:
+            note = f"ended {outcome} ({detail}), but its result could not be recorded: {e}"
+            with contextlib.suppress(StoreError):  # a one-row update may fit where the curve did not
+                self._write("UPDATE runs SET outcome = 'failed', detail = ? WHERE id = ? AND outcome = 'running'",
+                            (note, run_id))
+            raise
 
     def mark_lost(self) -> list[str]:
         """Record every run that reads back as ``lost`` as such, with its partial curve; their ids.
@@ -147,7 +175,7 @@ class RunStore:
         Listing never writes; this makes the verdict permanent, so a later process that happens to
         reuse the dead run's pid cannot make it look ``running`` again.
         """
-        rows = self._db.execute("SELECT * FROM runs WHERE outcome = 'running'").fetchall()
+        rows = self._read("SELECT * FROM runs WHERE outcome = 'running'")
         lost = [run for run in map(self._row, rows) if run["outcome"] == "lost"]
         for run in lost:
             self._write_many([
@@ -171,14 +199,14 @@ class RunStore:
             where.append("outcome IN ('running', 'lost')")
         sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY created_at DESC, rowid DESC" + (f" LIMIT {int(limit)}" if limit and not live else "")
-        runs = [self._row(r) for r in self._db.execute(sql, params).fetchall()]
+        runs = [self._row(r) for r in self._read(sql, params)]
         if live:
             runs = [r for r in runs if r["outcome"] == outcome][:limit or None]
         return runs
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         """The run whose id starts with ``run_id`` (a unique prefix is enough)."""
-        rows = self._db.execute("SELECT * FROM runs WHERE id LIKE ? LIMIT 2", (run_id + "%",)).fetchall()
+        rows = self._read("SELECT * FROM runs WHERE id LIKE ? LIMIT 2", (run_id + "%",))
         if not rows:
             raise StoreError(f"no run with id {run_id!r} in {self.path}")
         if len(rows) > 1:
@@ -194,12 +222,15 @@ class RunStore:
             run[key] = json.loads(run.pop(f"{key}_json"))
         if run["outcome"] != "running":
             return run
-        run["curve"] = [json.loads(p) for (p,) in self._db.execute(
+        run["curve"] = [json.loads(p) for (p,) in self._read(
             "SELECT point_json FROM run_points WHERE run_id = ? ORDER BY rowid", (run["id"],))]
-        if run["host"] == socket.gethostname() and run["pid"] is not None and not _process_alive(run["pid"]):
+        pid = run.get("pid")  # absent from a store of the first schema opened read-only (not migrated)
+        if run.get("host") == socket.gethostname() and pid is not None and not _process_alive(pid):
+            # Why is not known: a SIGKILL, the OOM killer, or a store too full to take the outcome.
             run["outcome"] = "lost"
-            run["detail"] = (f"process {run['pid']} on {run['host']} ended without recording an outcome "
-                             f"(killed: SIGKILL, out of memory?); {len(run['curve'])} evaluation point(s) kept")
+            run["detail"] = (f"process {pid} on {run['host']} ended without recording an outcome (killed "
+                             f"outright, or the store could not be written); {len(run['curve'])} evaluation "
+                             "point(s) kept")
             run["best_accuracy"] = max((p["accuracy"] for p in run["curve"]), default=None)
         return run
 
@@ -217,7 +248,7 @@ class RunStore:
 
     def get_ablation(self, ablation_id: str) -> dict[str, Any]:
         """The ablation whose id starts with ``ablation_id`` (a unique prefix is enough)."""
-        rows = self._db.execute("SELECT * FROM ablations WHERE id LIKE ? LIMIT 2", (ablation_id + "%",)).fetchall()
+        rows = self._read("SELECT * FROM ablations WHERE id LIKE ? LIMIT 2", (ablation_id + "%",))
         if not rows:
             raise StoreError(f"no ablation with id {ablation_id!r} in {self.path}")
         if len(rows) > 1:
@@ -226,13 +257,13 @@ class RunStore:
 
     def find_ablation(self, plan_key: str) -> dict[str, Any] | None:
         """The newest ablation with this plan (the same command run again), or None."""
-        row = self._db.execute("SELECT * FROM ablations WHERE plan_key = ? ORDER BY created_at DESC, rowid DESC"
-                               " LIMIT 1", (plan_key,)).fetchone()
-        return self._ablation_row(row) if row else None
+        rows = self._read("SELECT * FROM ablations WHERE plan_key = ? ORDER BY created_at DESC, rowid DESC"
+                          " LIMIT 1", (plan_key,))
+        return self._ablation_row(rows[0]) if rows else None
 
     def list_ablations(self, *, limit: int | None = 50) -> list[dict[str, Any]]:
         sql = "SELECT * FROM ablations ORDER BY created_at DESC, rowid DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        return [self._ablation_row(r) for r in self._db.execute(sql)]
+        return [self._ablation_row(r) for r in self._read(sql)]
 
     def link_ablation_run(self, ablation_id: str, *, run_id: str, variant: str, seed: int, role: str,
                           epochs: float | None = None) -> None:
@@ -241,10 +272,10 @@ class RunStore:
 
     def ablation_runs(self, ablation_id: str) -> list[dict[str, Any]]:
         """The runs of an ablation, oldest first, each a stored run plus ``variant``, ``role``, ``schedule_epochs``."""
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT runs.*, a.variant AS variant, a.role AS role, a.epochs AS schedule_epochs"
             " FROM ablation_runs a JOIN runs ON runs.id = a.run_id WHERE a.ablation_id = ?"
-            " ORDER BY runs.created_at, runs.rowid", (ablation_id,)).fetchall()
+            " ORDER BY runs.created_at, runs.rowid", (ablation_id,))
         return [self._row(r) for r in rows]
 
     def set_metric(self, run_id: str, name: str, value: float) -> None:
@@ -254,13 +285,13 @@ class RunStore:
     def metrics(self, run_ids: list[str] | None = None) -> dict[str, dict[str, float]]:
         """``{run_id: {name: value}}`` for the given runs (all runs when None)."""
         if run_ids is None:
-            rows = self._db.execute("SELECT run_id, name, value FROM run_metrics").fetchall()
+            rows = self._read("SELECT run_id, name, value FROM run_metrics")
         else:
             rows = []
             for i in range(0, len(run_ids), 500):  # stay under SQLite's bound-parameter limit
                 chunk = run_ids[i:i + 500]
-                rows += self._db.execute("SELECT run_id, name, value FROM run_metrics WHERE run_id IN"
-                                         f" ({', '.join('?' * len(chunk))})", chunk).fetchall()
+                rows += self._read("SELECT run_id, name, value FROM run_metrics WHERE run_id IN"
+                                   f" ({', '.join('?' * len(chunk))})", chunk)
         found: dict[str, dict[str, float]] = {}
         for run_id, name, value in rows:
             found.setdefault(run_id, {})[name] = value
@@ -273,6 +304,34 @@ class RunStore:
         result = ablation.pop("result_json")
         ablation["result"] = json.loads(result) if result else None
         return ablation
+
+
+def _remedy(e: Exception) -> str:
+    """What to do about an error opening or reading the store, for its one-line message."""
+    if isinstance(e, sqlite3.DatabaseError) and any(w in str(e) for w in ("malformed", "not a database")):
+        return "the file is damaged: move it aside to start a new store; `sqlite3 FILE .recover` may save its runs"
+    if isinstance(e, sqlite3.Error) and "full" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
+        return "free space on its disk, or set --store or SPEEDRUN_STORE to a file on another disk"
+    return "set --store or SPEEDRUN_STORE to a writable file"
+
+
+def _writable(path: Path) -> bool:
+    """Whether the store and its folder (SQLite's journal and WAL files live beside it) can be written;
+    False on a read-only file system even for root."""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that never writes. A WAL store needs its shared-memory file even to read it; where
+    that cannot be created (a read-only file system) the file is read as immutable, which is safe there
+    because nothing can change it."""
+    uri = path.resolve().as_uri()
+    try:
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30)
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True)
 
 
 def _now() -> str:

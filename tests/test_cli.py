@@ -126,7 +126,8 @@ def test_unwritable_store_still_prints_the_result(capsys, synthetic_dir, tmp_pat
     code = main(["train", "--data", str(synthetic_dir), "--target", "0.6", *SETS, "--store",
                  str(blocker / "runs.sqlite")])
     captured = capsys.readouterr()
-    assert code == 2 and "cannot open the run store" in captured.err
+    assert code == 0 and "cannot open the run store" in captured.err  # the run's own exit code: it reached
+    assert "1 of 1 run(s) not recorded in the run store" in captured.err
     assert "time-to-accuracy" in captured.out and "reached" in captured.out
 
 
@@ -171,7 +172,7 @@ def test_store_failing_at_the_end_keeps_the_result(capsys, synthetic_dir, monkey
     monkeypatch.setattr(RunStore, "finish_run", broken_finish)
     code = main(["train", "--data", str(synthetic_dir), "--target", "0.6", *SETS])
     captured = capsys.readouterr()
-    assert code == 2 and "disk I/O error" in captured.err and "not recorded" in captured.err
+    assert code == 0 and "disk I/O error" in captured.err and "not recorded" in captured.err
     assert "time-to-accuracy" in captured.out
 
 

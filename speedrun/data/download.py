@@ -1,6 +1,7 @@
 """Downloads checked against published md5 sums, and tar archives read or extracted once."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import shutil
 import sys
@@ -9,7 +10,7 @@ import tempfile
 import urllib.request
 from pathlib import Path, PurePosixPath
 
-from speedrun.data.sources import DataError
+from speedrun.data.sources import DataError, no_space
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 
@@ -111,6 +112,15 @@ def extract_files(archive: Path, into: Path) -> int:
     return count
 
 
+def unpacked_size(archive: Path) -> int | None:
+    """Bytes of the regular files in a tar archive (a pass over it), or None if it cannot be read."""
+    try:
+        with tarfile.open(archive, "r|*") as tf:
+            return sum(m.size for m in tf if m.isfile())
+    except (tarfile.TarError, OSError, EOFError):
+        return None
+
+
 def extract_once(archive: Path, target: Path) -> Path:
     """Extract ``archive`` into ``target`` unless already there; atomic (temporary folder, then rename)."""
     if target.is_dir():
@@ -124,6 +134,9 @@ def extract_once(archive: Path, target: Path) -> Path:
         try:
             extract_files(archive, tmp)
         except (tarfile.TarError, OSError, EOFError) as e:
+            if getattr(e, "errno", None) == errno.ENOSPC:
+                shutil.rmtree(tmp, ignore_errors=True)  # first: the free space reported is then what the disk had
+                raise no_space(target.parent, unpacked_size(archive), f"the files of {archive.name}") from None
             raise DataError(f"{archive}: cannot extract ({brief(e)})") from None
         try:
             tmp.rename(target)

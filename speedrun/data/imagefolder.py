@@ -15,6 +15,7 @@ back through short-lived memory maps, so preparing a large tree never holds it t
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import math
 import os
@@ -33,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from speedrun import paths
 from speedrun.console import new_console
 from speedrun.data.download import archive_stem, extract_once, is_archive
-from speedrun.data.sources import ChannelMoments, DataError, ImageSet
+from speedrun.data.sources import ChannelMoments, DataError, ImageSet, check_space, disk_full, no_space, printable
 
 DEFAULT_MAX_SIZE = 64  # pixels; 1.28M ImageNet images at 64x64 are 16 GB, small enough to sit on one GPU
 DEFAULT_HOLDOUT_FRAC = 0.1
@@ -81,21 +82,53 @@ class Listing:
     test_from: str  # "val/", "test/" or "10% of train/"
 
 
-def _class_files(split_dir: Path) -> dict[str, list[str]]:
-    """Files under each class folder of ``split_dir`` (sub-folders included, hidden names skipped)."""
+def _class_dirs(split_dir: Path) -> list[os.DirEntry]:
+    """The class folders of ``split_dir``, sorted by name (hidden names skipped)."""
     try:
-        entries = sorted((e for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")),
-                         key=lambda e: e.name)
+        return sorted((e for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")),
+                      key=lambda e: e.name)
     except OSError as e:
-        raise DataError(f"cannot list {split_dir}: {e.strerror}") from None
-    found = {}
+        raise DataError(f"cannot list {printable(str(split_dir))}: {e.strerror}") from None
+
+
+def _class_files(entries: list[os.DirEntry]) -> dict[str, list[str]]:
+    """Files under each class folder (sub-folders included, hidden names skipped), by class name.
+
+    A name that is not UTF-8 (from an archive made on Windows) is kept: the files open by their raw
+    names, and the class is named with ``\\xNN`` escapes (``printable``).
+    """
+    found: dict[str, list[str]] = {}
     for entry in entries:
+        name = printable(entry.name)
+        if name in found:  # an escaped name equal to a folder literally named so
+            raise DataError(f"{printable(entry.path)}: two class folders are both named {name!r} once "
+                            "non-UTF-8 bytes are escaped; rename one")
         files: list[str] = []
         for dirpath, dirnames, filenames in os.walk(entry.path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             files += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
-        found[entry.name] = files
+        found[name] = files
     return found
+
+
+def check_links(root: Path, split_dirs: list[Path], entries: list[os.DirEntry]) -> None:
+    """Refuse a class folder that is a link to another class folder, into one, or to a folder holding
+    the tree: it would become a silent duplicate class (or, from val/ into train/, a test set of
+    training images). Links to folders elsewhere (a tree assembled from links) are fine."""
+    def real_parts(path: str | Path) -> tuple[str, ...]:
+        return Path(os.path.realpath(path)).parts
+
+    # Sorted by path components, a folder is directly followed by the folders inside it.
+    folders = sorted([(real_parts(d), d, False) for d in split_dirs]
+                     + [(real_parts(e.path), Path(e.path), e.is_symlink()) for e in entries])
+    for (a, a_path, a_link), (b, b_path, b_link) in zip(folders, folders[1:]):
+        if b[:len(a)] != a or not (a_link or b_link):
+            continue
+        link, other = (b_path, a_path) if b_link else (a_path, b_path)
+        how = "the same folder as" if a == b else "inside" if link == b_path else "a folder holding"
+        raise DataError(f"{printable(str(root))}: class folder {printable(os.path.relpath(link, root))} is a link to "
+                        f"{printable(os.path.realpath(link))}, {how} {printable(os.path.relpath(other, root))}: it "
+                        "would be a duplicate class; remove the link, or copy the images")
 
 
 def _plural(n: int, word: str) -> str:
@@ -111,19 +144,20 @@ def holdout_split(files: list[str], frac: float) -> tuple[list[str], list[str]]:
     """
     n = len(files)
     k = 0 if n < 2 else min(n - 1, max(1, round(frac * n)))
-    held = set(sorted(files, key=lambda f: hashlib.md5(os.path.basename(f).encode()).digest())[:k])
+    held = set(sorted(files, key=lambda f: hashlib.md5(os.fsencode(os.path.basename(f))).digest())[:k])
     return [f for f in files if f not in held], [f for f in files if f in held]
 
 
 def scan(root: Path, *, holdout_frac: float = DEFAULT_HOLDOUT_FRAC) -> Listing:
     """List a tree and check it: classes, empty class folders, test classes unknown to train."""
     train_dir = root / "train"
-    train = _class_files(train_dir)
+    held_dir = next((root / d for d in HELD_OUT_DIRS if (root / d).is_dir()), None)
+    train_entries, test_entries = _class_dirs(train_dir), _class_dirs(held_dir) if held_dir else []
+    check_links(root, [train_dir] + ([held_dir] if held_dir else []), train_entries + test_entries)
+    train, test = _class_files(train_entries), _class_files(test_entries)
     if not train:
         raise DataError(f"{train_dir}: no class folders (expected train/<class>/<image files>)")
     classes = tuple(train)
-    held_dir = next((root / d for d in HELD_OUT_DIRS if (root / d).is_dir()), None)
-    test = _class_files(held_dir) if held_dir else {}
     for split_dir, found in ((train_dir, train), (held_dir, test)):
         empty = [c for c, files in found.items() if not files]
         if empty:
@@ -268,6 +302,7 @@ class NpyAppender:
 
     def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+        reserve(path)
         self.path, self.shape, self.count = path, shape, 0
         self._map: np.ndarray | None = None
         self._mapped = 0
@@ -293,6 +328,7 @@ class NpyAppender:
             short = self.path.with_name(self.path.stem + ".short.npy")
             src = np.load(self.path, mmap_mode="r")
             dst = np.lib.format.open_memmap(short, mode="w+", dtype=np.uint8, shape=(self.count, *self.shape[1:]))
+            reserve(short)
             step = max(1, self.REMAP_BYTES // max(1, int(np.prod(self.shape[1:]))))
             for i in range(0, self.count, step):
                 stop = min(i + step, self.count)
@@ -301,6 +337,21 @@ class NpyAppender:
             del src, dst
             short.replace(self.path)
         return np.load(self.path, mmap_mode="r")
+
+
+def reserve(path: Path) -> None:
+    """Allocate a (sparse) file's blocks now. Written through a memory map, a sparse file on a disk
+    that fills up kills the process with SIGBUS; reserved, the full disk is an OSError here instead."""
+    fallocate = getattr(os, "posix_fallocate", None)  # Linux, not macOS
+    if fallocate is None:
+        return
+    with open(path, "r+b") as f:
+        try:
+            fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # EOPNOTSUPP, EINVAL: the file system cannot reserve; its writes will tell
 
 
 @dataclass(frozen=True)
@@ -356,7 +407,28 @@ def _results(tasks: list, threads: int) -> Iterator[Chunk]:
 
 def decode_tree(listing: Listing, layout: tuple[int, int, int], directory: Path, *, workers: int,
                 chunk: int | None = None, progress: bool = False) -> Decoded:
-    """Decode every file of ``listing`` into ``directory/{train,test}_{images,labels}.npy``."""
+    """Decode every file of ``listing`` into ``directory/{train,test}_{images,labels}.npy``.
+
+    The disk must hold the arrays at their full size (checked first); a disk full all the same is a
+    DataError naming the space needed, with the partial files removed.
+    """
+    splits = (listing.train, listing.test)
+    total = sum(map(len, splits))
+    files = [directory / f"{name}_{kind}.npy" for name in ("train", "test") for kind in ("images", "labels")]
+    needed = total * (math.prod(layout) + 8)  # uint8 pixels, int64 labels
+    check_space(directory.parent, needed - sum(f.stat().st_size for f in files if f.exists()))  # a 2nd pass overwrites
+    try:
+        return _decode_into(listing, layout, directory, workers=workers, chunk=chunk, progress=progress)
+    except OSError as e:
+        if not disk_full(e, directory):
+            raise
+        for f in files + [f.with_name(f.stem + ".short.npy") for f in files]:
+            f.unlink(missing_ok=True)
+        raise no_space(directory.parent, needed) from None
+
+
+def _decode_into(listing: Listing, layout: tuple[int, int, int], directory: Path, *, workers: int,
+                 chunk: int | None, progress: bool) -> Decoded:
     splits = (listing.train, listing.test)
     total = sum(map(len, splits))
     if chunk is None:  # enough chunks to balance the workers, few enough to keep transfers cheap
@@ -462,7 +534,8 @@ class ImageFolderSource:
                         stamp = f"{st.st_size}:{st.st_mtime_ns}"
                     except OSError:
                         stamp = "unreadable"
-                    h.update(f"{split}:{label}:{os.path.relpath(path, listing.root)}:{stamp}\n".encode())
+                    line = f"{split}:{label}:{os.path.relpath(path, listing.root)}:{stamp}\n"
+                    h.update(line.encode("utf-8", "surrogateescape"))  # names need not be UTF-8
         return h.hexdigest()[:16]
 
     def read(self) -> ImageSet:
@@ -474,6 +547,10 @@ class ImageFolderSource:
     def read_into(self, directory: Path) -> ImageSet:
         """Decode into ``directory/*.npy`` (the cache being prepared) and return the set, memory-mapped."""
         listing = scan(self.root(), holdout_frac=self.holdout_frac)
+        escaped = [c for c in listing.classes if not (listing.root / "train" / c).is_dir()]  # see _class_files
+        if escaped:
+            _say(f"warning: {_plural(len(escaped), 'class folder name')} not UTF-8, named with \\x escapes: "
+                 f"{', '.join(escaped[:3])}{', ...' if len(escaped) > 3 else ''}")
         workers = self.workers or default_workers()
         layout = cache_layout(*probe([f for f, _ in listing.train + listing.test]), self.max_size)
         decoded = decode_tree(listing, layout, directory, workers=workers, chunk=self.chunk,
@@ -498,7 +575,7 @@ class ImageFolderSource:
         mean, std = decoded.moments.mean_std()
         resized = sum(k for s, k in decoded.sizes.items() if s != (layout[2], layout[1]))
         details = {"skipped": len(decoded.failed),
-                   "skipped_files": [os.path.relpath(p, listing.root) for p, _ in decoded.failed[:20]],
+                   "skipped_files": [printable(os.path.relpath(p, listing.root)) for p, _ in decoded.failed[:20]],
                    "resized": resized, "test_from": listing.test_from, "decode_s": decoded.seconds,
                    "decode_images_per_s": n / max(decoded.seconds, 1e-9), "threads": decoded.threads,
                    "options": {"max_size": self.max_size, "holdout_frac": self.holdout_frac}}
@@ -508,7 +585,8 @@ class ImageFolderSource:
     def _check_failures(self, listing: Listing, failed: list[tuple[str, str]]) -> None:
         if not failed:
             return
-        named = ", ".join(f"{os.path.relpath(p, listing.root)} ({why})" for p, why in failed[:_NAMED_FAILURES])
+        named = ", ".join(f"{printable(os.path.relpath(p, listing.root))} ({why})"
+                          for p, why in failed[:_NAMED_FAILURES])
         more = ", ..." if len(failed) > _NAMED_FAILURES else ""
         total = len(listing.train) + len(listing.test)
         if self.strict:

@@ -5,6 +5,7 @@ loading a prepared cache is part of every run and sits inside the time-to-accura
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -164,10 +165,37 @@ class IdxSource:
             if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
                 raise DataError(f"{self.directory}: {split} images {images.shape} and labels "
                                 f"{labels.shape} do not match")
-        n_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
+        n_classes = self._check_labels(arrays)
         classes = self.classes or tuple(str(i) for i in range(n_classes))
         return image_set(self.name, arrays["train_images"][:, None], arrays["train_labels"],
                          arrays["test_images"][:, None], arrays["test_labels"], classes)
+
+    def _check_labels(self, arrays: dict[str, np.ndarray]) -> int:
+        """The number of classes; refuses labels that cannot be class indices.
+
+        IDX files do not declare their classes, so they are taken as 0..max label; a stray large
+        label (250 among 0-9) would silently add hundreds of empty classes, so every class below the
+        largest label must have training images.
+        """
+        files = self.files()
+        train, test = arrays["train_labels"], arrays["test_labels"]
+        where = "test_labels" if len(test) and (not len(train) or test.max() > train.max()) else "train_labels"
+        top = int(arrays[where].max()) if len(arrays[where]) else 0
+        low = min((int(y.min()) for y in (train, test) if len(y)), default=0)
+        if low < 0:
+            raise DataError(f"{files['train_labels' if len(train) and train.min() == low else 'test_labels']}: "
+                            f"negative label {low}; labels must be class indices 0..K-1")
+        if self.classes is not None:
+            if top >= len(self.classes):
+                raise DataError(f"{files[where]}: labels outside 0..{len(self.classes) - 1} (found {top})")
+            return len(self.classes)
+        missing = np.setdiff1d(np.arange(top + 1), train)
+        if len(missing):
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            raise DataError(f"{files[where]}: labels run to {top}, but {len(missing)} of the classes 0..{top} have "
+                            f"no training image ({shown}); IDX labels must be the class indices 0..K-1 "
+                            f"(is label {top} out of range?)")
+        return top + 1
 
 
 def image_set(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -314,7 +342,66 @@ def cache_path(source: Source, fingerprint: str | None = None) -> Path:
 def source_location(source: Source) -> str:
     """The file or folder a source reads, for people (meta.json, ``speedrun data info``)."""
     where = getattr(source, "path", None) or getattr(source, "directory", None)
-    return str(Path(where).resolve()) if where is not None else source.name
+    return printable(str(Path(where).resolve())) if where is not None else source.name
+
+
+def printable(name: str) -> str:
+    """A file name as people can read and terminals can print it: bytes that are not UTF-8 (names from
+    archives made on Windows, which Python holds as lone surrogates) become ``\\xNN`` escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def check_classes(where: str, classes: tuple[str, ...], train_labels: np.ndarray | None = None) -> None:
+    """Refuse fewer than two classes (with training images, when the labels are given): any net
+    "reaches" 100% on a single class, with zero loss."""
+    if train_labels is None:
+        present = np.arange(len(classes))
+    else:
+        present = np.flatnonzero(np.bincount(train_labels, minlength=len(classes)))
+    if len(present) < 2:
+        found = f"only class {classes[present[0]]!r}" if len(present) else "no class"
+        raise DataError(f"{where}: {found} in the training split; classification needs at least 2 classes")
+
+
+def human_bytes(n: float) -> str:
+    """``1.5 GiB``, ``980.0 KiB``, ``12 B``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
+def no_space(folder: Path, needed: int | None, what: str = "the dataset cache") -> DataError:
+    """The one-line error for a disk too full to take ``needed`` bytes under ``folder``."""
+    try:
+        free = human_bytes(shutil.disk_usage(folder if folder.exists() else folder.parent).free)
+    except OSError:
+        free = "an unknown amount"
+    need = f"needs about {human_bytes(needed)}, and {free} are free" if needed else f"needs more than the {free} free"
+    return DataError(f"no space left in {folder} for {what}: it {need}; free some space, or set SPEEDRUN_HOME "
+                     "to a folder on a larger disk")
+
+
+def disk_full(e: OSError, folder: Path) -> bool:
+    """Whether a failed write under ``folder`` ran out of space. NumPy's ``tofile`` (under ``np.save``)
+    reports a short write with no errno, so an error without one on a disk left (nearly) empty counts too."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return e.errno is None and shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def check_space(folder: Path, needed: int, what: str = "the dataset cache") -> None:
+    """Fail before writing ``needed`` bytes under ``folder`` when its disk cannot take them."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # unknown: the write itself will tell
+    if free < needed:
+        raise no_space(folder, needed, what)
 
 
 def prepare(source: Source) -> Prepared:
@@ -326,10 +413,14 @@ def prepare(source: Source) -> Prepared:
     fingerprint = source.fingerprint()
     target = cache_path(source, fingerprint)
     if (target / "meta.json").is_file():
+        check_classes(source_location(source), tuple(read_meta(target)["classes"]))  # caches made before the check
         return Prepared(target, 0.0, False)
     start = time.perf_counter()
     read_into = getattr(source, "read_into", None)
     data = None if read_into else source.read()
+    if data is not None:
+        check_classes(source_location(source), data.classes, data.train_labels)
+    needed = None if data is None else sum(getattr(data, key).nbytes for key in _ARRAYS)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=target.parent))
@@ -337,8 +428,10 @@ def prepare(source: Source) -> Prepared:
         raise DataError(f"cannot write the dataset cache under {target.parent}: {e}") from None
     try:
         if data is None:
-            data = read_into(tmp)  # writes the arrays itself, incrementally
+            data = read_into(tmp)  # writes the arrays itself, incrementally, and checks its space
+            check_classes(source_location(source), data.classes, data.train_labels)
         else:
+            check_space(target.parent, needed)
             for key in _ARRAYS:
                 np.save(tmp / f"{key}.npy", getattr(data, key))
         k = data.num_classes
@@ -357,6 +450,12 @@ def prepare(source: Source) -> Prepared:
         except OSError:  # another process prepared it meanwhile
             if not (target / "meta.json").is_file():
                 raise
+    except OSError as e:
+        full = disk_full(e, target.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # first: the free space reported is then what the disk had
+        if full:
+            raise no_space(target.parent, needed) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(target, time.perf_counter() - start, True)

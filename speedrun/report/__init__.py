@@ -279,7 +279,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.runs and args.group:
         raise ConfigError("give --runs or --group, not both")
-    store = RunStore(args.store or default_store())
+    store = RunStore(args.store or default_store(), existing=True)  # reading never creates a store
     report = build_report(store, out=args.out, run_ids=args.runs, group=args.group, ablation=args.ablation,
                           price_per_hour=args.price_per_hour)
     new_console().print(
