@@ -232,13 +232,10 @@ def validate(recipe: Recipe) -> None:
             raise ConfigError(message)
 
 
-def load_toml(path: str | Path) -> Recipe:
-    """Read a recipe from TOML: optional ``base = "name"`` then sections overriding it.
-
-    ``base`` defaults to the built-in ``fashion-mnist`` recipe; keys not given keep its values.
-    """
-    from speedrun.recipes import get_recipe
-
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A recipe file's keys, flattened to dotted ``section.key`` names (``base`` and ``name`` stay
+    top-level); ConfigError for a file that is missing, a folder, not UTF-8 or not TOML.
+    ``speedrun.recipes.load_toml`` applies them to their base recipe."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_bytes().decode("utf-8"))
@@ -253,14 +250,13 @@ def load_toml(path: str | Path) -> Recipe:
                           "save the recipe as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    base = get_recipe(raw.pop("base", "fashion-mnist"))
     flat: dict[str, Any] = {"name": path.stem}
     for key, value in raw.items():
         if isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
-    return base.override(flat)
+    return flat
 
 
 def _set_path(obj: Any, parts: list[str], value: Any, full_key: str) -> Any:

@@ -1,7 +1,7 @@
 import pytest
 
-from speedrun.config import ConfigError, Recipe, from_dict, load_toml
-from speedrun.recipes import RECIPES, get_recipe
+from speedrun.config import ConfigError, Recipe, from_dict
+from speedrun.recipes import RECIPES, get_recipe, load_toml
 
 
 def test_overrides_are_parsed_by_field_type():

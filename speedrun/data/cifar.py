@@ -18,7 +18,8 @@ import numpy as np
 
 from speedrun import paths
 from speedrun.data.download import brief
-from speedrun.data.sources import DataError, ImageSet, image_set
+from speedrun.data import DataError
+from speedrun.data.imageset import ImageSet, image_set
 
 
 @dataclass(frozen=True)

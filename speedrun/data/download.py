@@ -10,7 +10,8 @@ import tempfile
 import urllib.request
 from pathlib import Path, PurePosixPath
 
-from speedrun.data.sources import DataError, no_space
+from speedrun.data import DataError
+from speedrun.data.imageset import no_space
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 

@@ -34,7 +34,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from speedrun import paths
 from speedrun.console import new_console
 from speedrun.data.download import archive_stem, extract_once, is_archive
-from speedrun.data.sources import ChannelMoments, DataError, ImageSet, check_space, disk_full, no_space, printable
+from speedrun.data import DataError
+from speedrun.data.imageset import ChannelMoments, ImageSet, check_space, disk_full, no_space, printable
 
 DEFAULT_MAX_SIZE = 64  # pixels; 1.28M ImageNet images at 64x64 are 16 GB, small enough to sit on one GPU
 DEFAULT_HOLDOUT_FRAC = 0.1

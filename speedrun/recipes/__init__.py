@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-from speedrun.config import ConfigError, Recipe
+from speedrun.config import ConfigError, Recipe, read_toml
 from speedrun.recipes import cifar10, fashion_mnist, imagenet
 
 
@@ -34,3 +35,17 @@ def get_recipe(name: str) -> Recipe:
         raise ConfigError(f"unknown recipe {name!r}; built-in recipes: {', '.join(RECIPES)} "
                           "(or give a .toml file)")
     return RECIPES[name].build()
+
+
+def load_toml(path: str | Path) -> Recipe:
+    """Read a recipe from TOML: optional ``base = "name"`` then sections overriding it.
+
+    ``base`` defaults to the built-in ``fashion-mnist`` recipe; keys not given keep its values.
+
+    >>> load_toml("my.toml").train.epochs  # doctest: +SKIP
+    """
+    values = read_toml(path)
+    base = values.pop("base", "fashion-mnist")
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a recipe name; got {base!r}")
+    return get_recipe(base).override(values)

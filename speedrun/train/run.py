@@ -121,8 +121,7 @@ INIT_IMAGES = 5000  # training images a data-dependent init sees (airbench white
 
 
 def resolve_recipe(recipe: str | Path | Recipe) -> Recipe:
-    from speedrun.config import load_toml
-    from speedrun.recipes import get_recipe
+    from speedrun.recipes import get_recipe, load_toml
 
     if isinstance(recipe, Recipe):
         return recipe
