@@ -103,3 +103,12 @@ def test_resnet50_passes_the_zero_init_check_that_a_plain_convnet_fails():
                 model_name="resnet50")
     with pytest.raises(ConfigError, match="zero-init-residual"):
         check_model(recipe, nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), model_name="plain")
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_the_clock(synthetic_dir, capsys):
+    code = main(["train", "--data", str(synthetic_dir), "--set", "train.batch_size=5000"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "train.batch_size 5000 exceeds the 1,024 training images" in err
+    assert len(err.splitlines()) == 1
+    main(["runs", "--json"])
+    assert json.loads(capsys.readouterr().out) == []  # nothing recorded, no block of zero metrics
