@@ -46,15 +46,32 @@ def _print_result(r) -> None:
                   f"{_fmt_s(r.eval_time_s)} ({len(r.curve)})"),
         ("epochs", f"{r.epochs:.2f} ({r.steps} steps)"),
         ("images/s", f"{r.images_per_s:,.0f} (training, evals excluded)"),
-        ("model", f"{r.flops_per_image / 1e6:,.1f} MFLOP/image forward+backward"),
-        ("MFU", f"{r.mfu:.0%}: {r.flops_per_s / 1e9:.1f} GFLOP/s of a measured {r.peak_flops / 1e9:.1f} "
-                f"GFLOP/s matmul peak"),
+        ("model", _model_flops(r)),
+        ("MFU", _mfu(r)),
         ("dataset prep", f"{_fmt_s(r.prepare_s)} one-time, outside the clock"
                          + (" (cached)" if r.prepare_s == 0 else "")),
         ("device", f"{r.device}, {r.env.get('threads')} threads, {r.env.get('precision')}, torch {r.torch_version}"),
     ]
     for name, value in rows:
         out.print(f"  {name:<17} {value}", highlight=False)
+
+
+def _model_flops(r) -> str:
+    text = f"{r.flops_per_image / 1e6:,.1f} MFLOP/image forward+backward"
+    if r.flops_per_image and r.useful_flops_per_image < r.flops_per_image:
+        waste = 1 - r.useful_flops_per_image / r.flops_per_image
+        text += f", {r.useful_flops_per_image / 1e6:,.1f} useful ({waste:.0%} multiply conv zero padding)"
+    return text
+
+
+def _mfu(r) -> str:
+    """Useful FLOP/s over the measured matmul peak and over the theoretical one, each labelled."""
+    text = (f"{r.mfu:.0%} of the measured {r.peak_flops / 1e9:,.1f} GFLOP/s matmul peak "
+            f"({r.useful_flops_per_s / 1e9:,.1f} useful GFLOP/s)")
+    if r.mfu_theoretical is not None:
+        text += (f"; {r.mfu_theoretical:.0%} of the theoretical {r.theoretical_peak_flops / 1e9:,.1f} GFLOP/s "
+                 f"({r.theoretical_peak})")
+    return text
 
 
 def _seeds_summary(results: list, group_id: str) -> dict[str, Any]:

@@ -60,3 +60,39 @@ def test_seed_stats():
     assert (s.runs, s.passed, s.median_s, s.min_s, s.max_s) == (4, 3, 12.0, 10.0, 14.0)
     assert s.pass_rate == 0.75 and s.cv == pytest.approx(2.0 / 12.0)
     assert seed_stats([None]).median_s is None and seed_stats([None]).pass_rate == 0.0
+
+
+def test_padding_taps_of_a_tiny_conv_against_a_hand_count():
+    from speedrun.measure.flops import conv_taps, count_train_flops
+
+    # 3x3, padding 1 on a 4x4 image, per dimension: outputs 0 and 3 see 2 real pixels of their 3 taps,
+    # outputs 1 and 2 see 3: 10 useful taps of 12; in 2-D 100 of the 144 (output pixel, tap) pairs.
+    assert conv_taps(4, 3, pad_before=1, pad_after=1) == (12, 10)
+    assert conv_taps(5, 3, stride=2, pad_before=1, pad_after=1) == (9, 7)  # outputs at -1..1, 1..3, 3..5
+    assert conv_taps(6, 3, dilation=2, pad_before=2, pad_after=2) == (18, 14)  # 2+2+3+3+2+2
+    conv = torch.nn.Conv2d(2, 5, 3, padding=1, bias=False)
+    x = torch.randn(3, 2, 4, 4)  # the input needs no gradient: forward and weight gradient only
+    counted, useful = count_train_flops(conv, x)
+    assert counted == 2 * (2 * 5 * 2 * 144)  # forward + weight gradient, 2 FLOPs per MAC, per image
+    assert useful == 2 * (2 * 5 * 2 * 100)
+    x.requires_grad_(True)  # now the input gradient runs too, over the same pairs
+    assert count_train_flops(conv, x) == (3 * 2 * 5 * 2 * 144, 3 * 2 * 5 * 2 * 100)
+    reflect = torch.nn.Conv2d(2, 5, 3, padding=1, padding_mode="reflect", bias=False)
+    counted, useful = count_train_flops(reflect, x)
+    assert useful == counted  # reflected pixels are real data
+
+
+def test_theoretical_cpu_peak_from_flags():
+    from speedrun.measure.peak import cpu_peak, fp32_flop_per_cycle, gpu_peak
+
+    zen3 = frozenset({"sse2", "avx", "avx2", "fma"})
+    zen5 = zen3 | {"avx512f", "avx512_bf16"}
+    assert fp32_flop_per_cycle(zen3, vendor="AuthenticAMD", family=25) == 32
+    assert fp32_flop_per_cycle(zen5, vendor="AuthenticAMD", family=25) == 32  # Zen 4: 512-bit on 256-bit pipes
+    assert fp32_flop_per_cycle(zen5, vendor="AuthenticAMD", family=26) == 64
+    peak = cpu_peak("fp32", threads=2, flags=zen3, vendor="AuthenticAMD", family=25, clock_ghz=2.5)
+    assert peak.flops == 2 * 2.5e9 * 32 and "2 cores x 2.50 GHz x 32 FLOP/cycle" in peak.how
+    assert cpu_peak("bf16", threads=2, flags=zen3, vendor="AuthenticAMD", family=25, clock_ghz=2.5) is None
+    assert cpu_peak("bf16", threads=2, flags=zen5, vendor="AuthenticAMD", family=26, clock_ghz=2.5).flops == 640e9
+    assert gpu_peak("NVIDIA H100 PCIe", "bf16").flops == 756e12 and gpu_peak("NVIDIA H200", "bf16").flops == 989.4e12
+    assert gpu_peak("Some Future GPU", "bf16") is None

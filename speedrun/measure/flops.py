@@ -1,7 +1,11 @@
 """FLOP counting (PyTorch's FlopCounterMode: matmuls and convolutions, 2 FLOPs per MAC) and MFU.
 
-The peak is *measured*, not taken from a datasheet: the best of a few large fp32 (or bf16)
-matmuls on this device, cached per device, dtype, thread count and torch version.
+Counted FLOPs include a convolution's multiplications by its zero padding, which a dense kernel does
+but which do no useful work (~24% of the fashion-mnist recipe's conv FLOPs, ~40% in its 3x3 px
+layers); *useful* FLOPs leave them out, counted exactly per conv from its geometry (``conv_taps``).
+MFU is useful FLOP/s over a peak, taken two ways: the *measured* peak, the best of a few large
+matmuls in the run's precision on this device (cached per device, dtype, thread count and torch
+version), and the *theoretical* peak of the hardware (``speedrun.measure.peak``).
 """
 from __future__ import annotations
 
@@ -16,14 +20,66 @@ from torch.utils.flop_counter import FlopCounterMode
 from speedrun import paths
 
 
-def train_flops_per_image(model: nn.Module, example: Tensor, loss_fn=None) -> float:
-    """FLOPs of one forward + backward pass per image, counted on a copy of ``model``."""
+def conv_taps(size: int, kernel: int, *, stride: int = 1, dilation: int = 1, pad_before: int = 0,
+              pad_after: int = 0) -> tuple[int, int]:
+    """Along one dimension of a convolution: (kernel taps computed, taps that read the input rather
+    than zero padding), summed over the output positions.
+
+    >>> conv_taps(4, 3, pad_before=1, pad_after=1)  # outputs 0 and 3 each have one tap in the padding
+    (12, 10)
+    """
+    out = (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+    useful = sum(1 for o in range(out) for j in range(kernel) if 0 <= o * stride - pad_before + j * dilation < size)
+    return out * kernel, useful
+
+
+def _padding_waste(conv: nn.modules.conv._ConvNd, x: Tensor) -> float:
+    """Forward FLOPs ``conv`` spends on zero padding for input ``x`` (0 for reflect/replicate/circular
+    padding, whose padded values are real)."""
+    if conv.padding_mode != "zeros":
+        return 0.0
+    pads = conv._reversed_padding_repeated_twice  # (last dim before, after, ..., first dim before, after)
+    computed = useful = 1
+    for d, size in enumerate(x.shape[2:]):
+        before, after = pads[2 * (len(x.shape) - 3 - d)], pads[2 * (len(x.shape) - 3 - d) + 1]
+        c, u = conv_taps(size, conv.kernel_size[d], stride=conv.stride[d], dilation=conv.dilation[d],
+                         pad_before=before, pad_after=after)
+        computed, useful = computed * c, useful * u
+    return 2.0 * x.shape[0] * conv.out_channels * (conv.in_channels // conv.groups) * (computed - useful)
+
+
+def count_train_flops(model: nn.Module, example: Tensor, loss_fn=None) -> tuple[float, float]:
+    """(counted, useful) FLOPs of one forward + backward pass per image, on a copy of ``model``.
+
+    Useful FLOPs are the counted ones less every convolution's multiplications by zero padding, in
+    each pass that runs: the forward, the input gradient (when the conv's input needs one) and the
+    weight gradient (when its weight trains) touch the same input-position x tap pairs.
+    """
     model = copy.deepcopy(model).train()
-    with FlopCounterMode(display=False) as counter:
-        out = model(example)
-        loss = loss_fn(out) if loss_fn else out.float().sum()
-        loss.backward()
-    return counter.get_total_flops() / len(example)
+    waste = 0.0
+
+    def note(conv, inputs, output) -> None:
+        nonlocal waste
+        passes = 1 + inputs[0].requires_grad + conv.weight.requires_grad
+        waste += passes * _padding_waste(conv, inputs[0])
+
+    handles = [m.register_forward_hook(note) for m in model.modules()
+               if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            out = model(example)
+            loss = loss_fn(out) if loss_fn else out.float().sum()
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    total = counter.get_total_flops()
+    return total / len(example), (total - waste) / len(example)
+
+
+def train_flops_per_image(model: nn.Module, example: Tensor, loss_fn=None) -> float:
+    """FLOPs of one forward + backward pass per image as counted (padding included), on a copy of ``model``."""
+    return count_train_flops(model, example, loss_fn)[0]
 
 
 def forward_flops_per_image(model: nn.Module, example: Tensor) -> float:

@@ -81,10 +81,16 @@ def leaderboard(runs: Sequence[Mapping[str, Any]], metrics: Mapping[str, Mapping
             "framework": Counter(f"torch {(r.get('env') or {}).get('torch_version', '?')}"
                                  for r in members).most_common(1)[0][0],
             "threads": Counter(str((r.get("env") or {}).get("threads", "?")) for r in members).most_common(1)[0][0],
+            "mfu": _median_of(members, "mfu"), "mfu_theoretical": _median_of(members, "mfu_theoretical"),
             "fastest_run": min((r for r in members if r["outcome"] == "reached"),
                                key=lambda r: r["time_to_accuracy_s"], default=members[0])["id"],
         })
     return rows
+
+
+def _median_of(runs: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    values = [v for r in runs if (v := (r.get("summary") or {}).get(key)) is not None]
+    return statistics.median(values) if values else None
 
 
 def _select_runs(store: RunStore, *, run_ids: Sequence[str] | None, group: str | None) -> list[dict[str, Any]]:
@@ -201,17 +207,22 @@ def _leaderboard_html(board: Sequence[Mapping[str, Any]], price: float | None) -
             f"<br><span class=note>{_e(_s(row['min_s']))} to {_e(_s(row['max_s']))}</span>"
         cost = f"${row['cost']:.4f}" if row["cost"] is not None else na("give --price-per-hour" if price is None else "-")
         latency = f"{row['latency_s'] * 1e3:.2f} ms" if row["latency_s"] is not None else na("not measured")
+        mfu = na("-") if row["mfu"] is None else f"{row['mfu']:.0%}" + (
+            "" if row["mfu_theoretical"] is None else f" / {row['mfu_theoretical']:.0%}")
         rows.append([str(row["rank"] or "-"), _e(row["recipe"]), _e(row["hardware"]), _e(row["precision"]),
-                     f"{row['target']:.2%}" if row["target"] else "-", median + spread, cost, latency,
+                     f"{row['target']:.2%}" if row["target"] else "-", median + spread, cost, latency, mfu,
                      str(row["runs"]), f"{row['pass_rate']:.0%}", _e(row["framework"]), _e(row["threads"])])
     price_note = f" at ${price:g}/hour" if price is not None else ""
     return ("<h2 id=leaderboard>Leaderboard</h2><p class=note>Median time-to-accuracy over each group's runs "
             "(MLPerf clock: data loading, model creation, training and every evaluation until the target is "
             f"first seen); cost = that time{_e(price_note)}; inference latency = median over test images run one "
             "at a time, measured by <code>speedrun ablate</code> right after training. Models are not stored, so "
-            "where it was not measured then it is shown as <i>not measured</i>, never estimated.</p>"
+            "where it was not measured then it is shown as <i>not measured</i>, never estimated. MFU = useful "
+            "FLOP/s (conv zero-padding taps excluded) over the measured matmul peak / over the theoretical peak "
+            "(cores x clock x FLOP per cycle, or the GPU's datasheet), medians over the runs.</p>"
             + _table(["rank", "recipe", "hardware", "precision", "target", "time-to-accuracy (min to max)",
-                      "cost", "inference latency", "runs", "pass-rate", "framework", "threads"], rows,
+                      "cost", "inference latency", "MFU measured / theoretical", "runs", "pass-rate", "framework",
+                      "threads"], rows,
                      cls="leaderboard", raw=True))
 
 

@@ -18,7 +18,8 @@ from speedrun.config import ConfigError, Recipe
 from speedrun.env import compile_problem, environment, resolve_precision
 from speedrun.inference import Classifier
 from speedrun.measure.clock import Clock
-from speedrun.measure.flops import matmul_peak, precision_dtype, train_flops_per_image
+from speedrun.measure.flops import count_train_flops, matmul_peak, precision_dtype
+from speedrun.measure.peak import theoretical_peak
 from speedrun.models import ModelArg, build_model, check_model_config, check_output, is_import_path, model_label
 from speedrun.store import RunStore, StoreError, new_run_id
 from speedrun.techniques import registry
@@ -80,14 +81,19 @@ class TrainResult:
     steps: int
     images_seen: int
     images_per_s: float  # training images per second of train-only time
-    flops_per_image: float  # forward + backward
-    flops_per_s: float
-    peak_flops: float  # measured matmul peak of this device
-    mfu: float
+    flops_per_image: float  # forward + backward, as counted: multiplications by conv zero padding included
+    flops_per_s: float  # counted FLOPs per second of train-only time
+    peak_flops: float  # measured matmul peak of this device, in the run's precision
+    mfu: float  # useful FLOP/s over the measured peak
     device: str
     torch_version: str
     env: dict
     curve: list[EvalPoint]
+    useful_flops_per_image: float = 0.0  # counted less the multiplications by zero padding
+    useful_flops_per_s: float = 0.0
+    theoretical_peak_flops: float | None = None  # cores x clock x FLOP/cycle, or a GPU's datasheet
+    theoretical_peak: str = ""  # how it was computed
+    mfu_theoretical: float | None = None  # useful FLOP/s over the theoretical peak
     model: nn.Module | None = field(default=None, repr=False)  # the trained network, in eval mode
     classifier: Classifier | None = field(default=None, repr=False)  # the model with its data's conventions
     store_error: str | None = None  # set when the run could not be recorded
@@ -372,24 +378,27 @@ def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock:
     return state, evaluator
 
 
-def _count_flops(parts: Parts, state: FitState) -> float:
-    """Forward+backward FLOPs per training image, as the run's steps did them on average: a step after a
-    hook froze parameters (``extras["frozen_from_image"]``, ``extras["frozen_context"]``: stem freezing)
-    does less work, and progressive resizing (``extras["pixel_fraction"]``) trains on fewer pixels."""
+def _count_flops(parts: Parts, state: FitState) -> tuple[float, float]:
+    """(counted, useful) forward+backward FLOPs per training image, as the run's steps did them on
+    average: a step after a hook froze parameters (``extras["frozen_from_image"]``,
+    ``extras["frozen_context"]``: stem freezing) does less work, and progressive resizing
+    (``extras["pixel_fraction"]``) trains on fewer pixels."""
     example = state.extras.pop("example")
     model = parts.model
 
-    def count() -> float:
+    def count() -> tuple[float, float]:
         with state.autocast():
-            return train_flops_per_image(model, example, lambda out: parts.loss_fn(
+            return count_train_flops(model, example, lambda out: parts.loss_fn(
                 out, torch.zeros(len(out), dtype=torch.long, device=out.device)))
 
-    flops = count()
+    flops, useful = count()
     if "frozen_from_image" in state.extras and state.images_seen:  # a hook froze parameters mid-run
         with state.extras["frozen_context"]():
             share = (state.images_seen - state.extras["frozen_from_image"]) / state.images_seen
-            flops = (1 - share) * flops + share * count()
-    return flops * state.extras.get("pixel_fraction", 1.0)  # progressive resizing: mean work per image
+            frozen_flops, frozen_useful = count()
+            flops, useful = (1 - share) * flops + share * frozen_flops, (1 - share) * useful + share * frozen_useful
+    pixels = state.extras.get("pixel_fraction", 1.0)  # progressive resizing: mean work per image
+    return flops * pixels, useful * pixels
 
 
 def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, total, dev, precision, env,
@@ -407,10 +416,12 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, tota
         env = {**env, "loader": state.extras.get("loader")}  # what data.loader=auto resolved to
     train_s = clock.elapsed() - clock.eval_s
     images_seen = state.images_seen if state else 0
-    flops = peak = 0.0
+    flops = useful = peak = 0.0
+    theory = None
     if state is not None and "example" in state.extras:  # counted after the clock stopped
-        flops = _count_flops(parts, state)
+        flops, useful = _count_flops(parts, state)
         peak = matmul_peak(dev, env["device_name"], precision_dtype(precision))
+        theory = theoretical_peak(dev.type, env["device_name"], precision, threads=torch.get_num_threads())
     model = classifier = None
     if parts is not None and state is not None:  # trained, however far
         model = parts.model.eval()
@@ -430,5 +441,8 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, tota
         final_accuracy=curve[-1].accuracy if curve else None,
         epochs=state.epoch_float if state else 0.0, steps=state.step if state else 0, images_seen=images_seen,
         images_per_s=ips, flops_per_image=flops, flops_per_s=flops * ips, peak_flops=peak,
-        mfu=flops * ips / peak if peak else 0.0, device=env["device_name"], torch_version=torch.__version__,
+        mfu=useful * ips / peak if peak else 0.0, useful_flops_per_image=useful, useful_flops_per_s=useful * ips,
+        theoretical_peak_flops=theory.flops if theory else None, theoretical_peak=theory.how if theory else "",
+        mfu_theoretical=useful * ips / theory.flops if theory else None,
+        device=env["device_name"], torch_version=torch.__version__,
         env=env, curve=curve, model=model, classifier=classifier)
