@@ -48,6 +48,7 @@ from speedrun.argtypes import target_fraction
 from speedrun.attribution import RESAMPLES, Ratio, Sample, ratio_of_products
 from speedrun.config import ConfigError
 from speedrun.console import escape, new_console, percent, plural
+from speedrun.measure.stats import seed_stats
 from speedrun.store import RunStore
 
 FINISHED = ("reached", "budget_exhausted", "diverged")
@@ -236,6 +237,19 @@ def group_runs(runs: Sequence[Mapping[str, Any]], by: Sequence[str]) -> list[Gro
                     tuple(labels.get(v, v) if k == "recipe" else v for k, v in zip(by, key)))
               for key, rs in buckets.items()]
     return sorted(groups, key=lambda g: (g.median_s is None, g.median_s or 0.0, -g.sample.pass_rate, g.key))
+
+
+def group_statistics(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per recipe among ``runs`` (named by :func:`recipe_labels`), the statistics ``train --seeds``
+    prints, over its finished runs: ``speedrun show GROUP_ID`` and ``runs --group``."""
+    finished = [r for r in runs if r["outcome"] in FINISHED]
+    labels = recipe_labels(finished)[0]
+    buckets: dict[str, list[Mapping[str, Any]]] = {}
+    for run in reversed(finished):  # oldest first
+        buckets.setdefault(recipe_key(run), []).append(run)
+    return [{"recipe": labels[key], "target": rs[0]["target"], "run_ids": [r["id"] for r in rs],
+             **seed_stats([r["time_to_accuracy_s"] if r["outcome"] == "reached" else None for r in rs]).to_dict()}
+            for key, rs in buckets.items()]
 
 
 def like_with_like(runs: Sequence[Mapping[str, Any]], *, dataset: str | None = None, target: float | None = None
