@@ -104,7 +104,7 @@ def waterfall_steps(result: AblationResult) -> list[Step]:
         if e.needed:
             best = "-" if e.best_accuracy_without is None else f"{e.best_accuracy_without:.1%}"
             steps.append(Step(f"{e.technique}\nneeded", current, current, True, "needed",
-                              f"needed: without it\nbest {best}"))
+                              f"without it never\nreached (best {best})"))
     for e in sorted(effects, key=lambda e: -(e.speedup.value or 0.0)):
         f = e.speedup.value
         if e.needed or not f or not math.isfinite(f):
@@ -160,11 +160,11 @@ def waterfall_png(result: AblationResult) -> bytes | None:
     ax.set_yscale("log")
     floor = min(min(s.top for s in steps), min(s.bottom for s in steps if s.bottom > 0) if any(
         s.bottom > 0 for s in steps) else math.inf) / 1.5
-    ceiling = max(s.top for s in steps) * 1.25  # needed bars reach up here: without them, no time at all
+    ceiling = max(s.top for s in steps) * 1.25  # needed techniques' arrows reach up here: no time without them
     for i, s in enumerate(steps):
-        if s.kind == "needed":
-            ax.bar(i, ceiling - s.top, bottom=s.top, color="#8172b2", edgecolor="black", lw=0.6, width=0.65,
-                   hatch="..", alpha=0.8)
+        if s.kind == "needed":  # without it the time is unbounded: an arrow up off the scale, no bar
+            ax.annotate("", (i, ceiling), xytext=(i, s.top),
+                        arrowprops=dict(arrowstyle="-|>,head_width=0.6,head_length=0.8", color="#8172b2", lw=2.5))
             ax.annotate(s.note, (i, ceiling), ha="center", va="bottom", fontsize=7)
             if i + 1 < len(steps):
                 ax.plot([i + 0.33, i + 0.67], [s.top, steps[i + 1].top], color="0.5", lw=0.7, ls=":")
@@ -183,7 +183,7 @@ def waterfall_png(result: AblationResult) -> bytes | None:
             nxt = steps[i + 1].top
             ax.plot([i + 0.33, i + 0.67], [value if s.kind != "start" else s.top, nxt], color="0.5", lw=0.7, ls=":")
     ax.set_xticks(range(len(steps)), [s.label for s in steps], fontsize=8)
-    # Room for the labels above the bars (and above the needed bars' notes).
+    # Room for the labels above the bars (and above the needed techniques' notes).
     ax.set_ylim(floor, ceiling * (1.6 if any(s.kind == "needed" for s in steps) else 1.0))
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
