@@ -26,7 +26,7 @@ from speedrun.env import environment
 
 def sample(results: list) -> Sample:
     return Sample.of([r.time_to_accuracy_s for r in results], ran_s=[r.total_time_s for r in results],
-                     best_accuracy=[r.best_accuracy for r in results])
+                     best_accuracy=[r.best_accuracy or 0.0 for r in results])  # None: never evaluated
 
 
 def main() -> int:

@@ -51,7 +51,7 @@ def train_seed(recipe_name: str, seed: int, store: Path, data: str | None = None
     """One `speedrun train` run, as the CLI does it, with a progress line."""
     r = speedrun.train(recipe_name, data=data, seed=seed, store=store, target=target, overrides=overrides)
     print(f"  {recipe_name} seed {seed}: {r.outcome:<16} tta {r.time_to_accuracy_s or float('nan'):6.1f} s  "
-          f"best {r.best_accuracy:.2%}  epochs {r.epochs:.2f}  {r.images_per_s:,.0f} img/s  "
+          f"best {r.best_accuracy or 0:.2%}  epochs {r.epochs:.2f}  {r.images_per_s:,.0f} img/s  "
           f"MFU {r.mfu:.0%}", flush=True)
     return r
 
@@ -85,7 +85,7 @@ def seed_table(results: list, local_peaks: list[float] | None = None) -> str:
     local = local_peaks is not None
     rows = []
     for i, r in enumerate(results):
-        row = (f"| {r.seed} | {r.outcome} | {fmt(r.time_to_accuracy_s)} | {r.best_accuracy:.2%} | {r.epochs:.2f} | "
+        row = (f"| {r.seed} | {r.outcome} | {fmt(r.time_to_accuracy_s)} | {r.best_accuracy or 0:.2%} | {r.epochs:.2f} | "
                f"{len(r.curve)} ({r.eval_time_s:.1f}) | {r.images_per_s:,.0f} | {r.mfu:.0%} |")
         if local:
             row += f" {local_peaks[i] / 1e9:.0f} | {r.flops_per_s / local_peaks[i]:.0%} |"

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from speedrun.argtypes import parse_sets, positive_int, target_fraction
 from speedrun.attribution import RESAMPLES, Attribution, Sample, attribute
 from speedrun.config import ConfigError, Recipe, from_dict
-from speedrun.console import new_console
+from speedrun.console import escape, new_console, plural
 from speedrun.store import RunStore
 from speedrun.techniques.registry import TECHNIQUES, Technique
 
@@ -245,7 +245,7 @@ def _record(run: Mapping[str, Any]) -> RunRecord:
 
 def _record_result(r, variant: str, schedule_epochs: float) -> RunRecord:
     return RunRecord(r.run_id, variant, r.seed, r.outcome, r.time_to_accuracy_s, r.total_time_s,
-                     r.best_accuracy, r.epochs, schedule_epochs, r.detail)
+                     r.best_accuracy or 0.0, r.epochs, schedule_epochs, r.detail)  # not evaluated: 0, as stored
 
 
 def _open(store: RunStore | str | Path | bool | None) -> RunStore | None:
@@ -286,7 +286,8 @@ def ablate(recipe: str | Path | Recipe = "fashion-mnist", *, seeds: int = 3, see
         stored = run_store.get_ablation(resume)
         ablation_id, plan = stored["id"], stored["plan"]
         variants = [Variant(v["name"], tuple(v["disabled"]), from_dict(v["recipe"])) for v in plan["variants"]]
-        say(f"resuming ablation {ablation_id} ({plan['recipe_name']}, {plan['mode']}, {len(plan['seeds'])} seeds)")
+        say(f"resuming ablation {ablation_id} ({plan['recipe_name']}, {plan['mode']}, "
+            f"{plural(len(plan['seeds']), 'seed')})")
     else:
         if seeds < 1:
             raise ConfigError("--seeds must be >= 1")
@@ -359,8 +360,9 @@ def _execute(ablation_id: str, plan: Mapping[str, Any], variants: list[Variant],
                 store.finish_ablation(ablation_id, status="interrupted", result=None)
             raise AblationInterrupted(ablation_id)
         rec = _record_result(r, variant.name, epochs)
+        best = "not evaluated" if r.best_accuracy is None else f"{r.best_accuracy:.2%}"
         got = (f"reached in {r.time_to_accuracy_s:.1f} s" if r.reached else f"failed: {r.detail}"
-               if r.outcome == "failed" else f"{r.outcome.replace('_', ' ')}, best {r.best_accuracy:.2%}")
+               if r.outcome == "failed" else f"{r.outcome.replace('_', ' ')}, best {best}")
         say(f"{label} {got}  (run {r.run_id}, {r.epochs:.2f} epochs)")
         if role == "measure" and seed == seeds[0] and latency_samples > 0 and r.model is not None:
             lat = _measure_latency(r, recipe, latency_samples)
@@ -502,21 +504,51 @@ def load_result(store: RunStore, ablation_id: str, *, resamples: int = RESAMPLES
 
 # ---------------------------------------------------------------- the table and the command
 
+def summary_lines(result: AblationResult) -> list[tuple[str, bool]]:
+    """The lines under the tables (plain text) and whether each is flagged: the measured total, the
+    product checks and pair interactions. A bound is never printed below 1 (see ``speedrun.attribution``):
+    where a side never reaches the target, the line says so instead."""
+    a = result.attribution
+    by_name = {v.name: v for v in result.variants}
+    lines: list[tuple[str, bool]] = []
+    if a.total is not None:
+        base = by_name.get("baseline")
+        if a.total.kind == "lower_bound" and base is not None:
+            best = "-" if base.best_accuracy is None else f"{base.best_accuracy:.1%}"
+            bound = f": {a.total}" if a.total.value is not None and a.total.value > 1 else ""
+            lines.append((f"measured total, baseline -> full: the baseline misses the target (best {best}), "
+                          f"the full recipe reaches it{bound}", False))
+        else:
+            lines.append((f"measured total, baseline -> full: {a.total}", False))
+    for p in a.products:
+        missing = [e.technique for e in a.effects if e.mode == p.mode and (e.needed or e.harmful)]
+        if missing or p.product.kind != "estimate" or p.product_over_total.kind != "estimate":
+            why = (f"{', '.join(missing)} decide{'s' if len(missing) == 1 else ''} whether the target is reached"
+                   if missing else "a factor or the total is a bound")
+            lines.append((f"product of single factors ({p.mode}): not computed: {why}", False))
+        else:
+            lines.append((f"product of single factors ({p.mode}): {p.product}; product / total: "
+                          f"{p.product_over_total}", p.flagged))
+    for i in a.interactions:
+        lines.append((f"interaction {i.a} x {i.b}: {i.ratio}", i.flagged))
+    return lines
+
+
 def print_result(result: AblationResult, console) -> None:
     from rich.table import Table
 
     pct = lambda v: "-" if v is None else f"{v:.1%}"
-    t = Table(title=f"ablation {result.ablation_id}: {result.recipe_name} to {result.target:.2%}, "
-                    f"{len(result.seeds)} seeds, {result.mode}")
+    t = Table(title=escape(f"ablation {result.ablation_id}: {result.recipe_name} to {result.target:.2%}, "
+                           f"{plural(len(result.seeds), 'seed')}, {result.mode}"))
     for col in ("technique", "measured as", "median with", "median without", "speedup [95% CI]", "accuracy",
                 "pass-rate with / without"):
         t.add_column(col, no_wrap=col in ("technique", "speedup [95% CI]"))
     for e in result.attribution.effects:
         acc = "-" if e.accuracy_effect is None else f"{e.accuracy_effect * 100:+.1f} pp"
-        t.add_row(e.technique, "full less it" if e.mode == "leave-one-out" else "baseline plus it",
+        t.add_row(escape(e.technique), "full less it" if e.mode == "leave-one-out" else "baseline plus it",
                   _fmt_s(e.median_with_s) if e.median_with_s is not None else "never reached",
                   _fmt_s(e.median_without_s) if e.median_without_s is not None else "never reached",
-                  str(e.speedup), acc, f"{e.pass_rate_with:.0%} / {e.pass_rate_without:.0%}")
+                  escape(e.text), acc, f"{e.pass_rate_with:.0%} / {e.pass_rate_without:.0%}")
     console.print(t)
     v = Table(title="variants")
     for col in ("variant", "train.epochs", "runs", "pass-rate", "median time-to-accuracy", "best accuracy",
@@ -527,23 +559,16 @@ def print_result(result: AblationResult, console) -> None:
             f"never reached (best {pct(s.best_accuracy)})" if s.never_reached else
             "not yet run" if not s.runs else f"not reached in most runs (best {pct(s.best_accuracy)})")
         epochs = f"{s.schedule_epochs:g}" + (" (none reached)" if s.retune_reached is False else "")
-        v.add_row(s.name, epochs, str(len(s.runs)), f"{s.pass_rate:.0%}", median, pct(s.best_accuracy),
+        v.add_row(escape(s.name), epochs, str(len(s.runs)), f"{s.pass_rate:.0%}", median, pct(s.best_accuracy),
                   "not measured" if s.latency_s is None else f"{s.latency_s * 1e3:.2f} ms")
     console.print(v)
     if result.retune_step:
         console.print(f"train.epochs re-tuned on seed {result.seeds[0]} in steps of {result.retune_step:.3g}x: "
                       "a variant's shortest schedule may lie up to one step below the one found, and the "
                       "intervals cover the seeds, not that step", highlight=False)
-    a = result.attribution
-    if a.total is not None:
-        console.print(f"measured total, baseline -> full: {a.total}", highlight=False)
-    for p in a.products:
-        note = "  [bold yellow]not multiplicative[/]" if p.flagged else ""
-        console.print(f"product of single factors ({p.mode}): {p.product}; product / total: "
-                      f"{p.product_over_total}{note}", highlight=False)
-    for i in a.interactions:
-        note = "  [bold yellow]flagged: not multiplicative[/]" if i.flagged else ""
-        console.print(f"interaction {i.a} x {i.b}: {i.ratio}{note}", highlight=False)
+    for line, flagged in summary_lines(result):
+        note = "  [bold yellow]not multiplicative[/]" if flagged else ""
+        console.print(escape(line) + note, highlight=False)
     if not result.complete:
         console.print(f"[yellow]incomplete[/]: continue with speedrun ablate --resume {result.ablation_id}")
 
@@ -554,8 +579,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     store = RunStore(args.store or default_store())
     techniques = args.techniques.split(",") if args.techniques else None
-    say = (lambda line: err.print(f"[dim]{line}[/]", highlight=False)) if args.json else \
-        (lambda line: out.print(line, highlight=False))
+    say = (lambda line: err.print(f"[dim]{escape(line)}[/]", highlight=False)) if args.json else \
+        (lambda line: out.print(line, markup=False, highlight=False))
     try:
         result = ablate(args.recipe, seeds=args.seeds, seed=args.seed, mode=args.mode, techniques=techniques,
                         pairs=args.pairs, target=args.target, budget=args.budget, retune_epochs=args.retune_epochs,
@@ -573,8 +598,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("ablate", help="measure what each technique of a recipe buys (time-to-accuracy "
-                                             "with and without it, over seeds)")
+    p = subparsers.add_parser("ablate", help="measure what each technique of a recipe buys, over seeds")
     p.add_argument("--recipe", default="fashion-mnist", help="built-in recipe name or a .toml file")
     p.add_argument("--mode", default="leave-one-out", choices=MODES,
                    help="leave-one-out: full recipe minus each technique; add-one-in: baseline plus each; both")

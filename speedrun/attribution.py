@@ -13,6 +13,10 @@ the median is monotone in each run, so replacing the unknown times by ``ran_s`` 
 of the median. An infinite median in the numerator (the variant without the technique mostly
 failed) yields ``kind="lower_bound"`` ("at least 3.1x"); one in the denominator yields
 ``kind="upper_bound"``; both yield ``kind="unknown"`` with no value. Bounds carry no interval.
+A technique without which the target is missed is *needed* (:attr:`Effect.needed`): it is reported
+as such, with the best accuracy reached without it, and its bound only where that says more than
+"faster" (above 1): unreached runs that stopped before the full recipe's time give bounds below 1
+("at least 0.97x"), true but read as a slowdown.
 
 **Intervals.** Percentile bootstrap, :data:`RESAMPLES` resamples with a seeded ``numpy`` Generator
 (deterministic for a given ``seed``). Each variant's runs are resampled independently of the
@@ -238,8 +242,32 @@ class Effect:
     best_accuracy_with: float | None
     best_accuracy_without: float | None
 
+    @property
+    def needed(self) -> bool:
+        """Most runs without the technique missed the target, most runs with it reached it."""
+        return self.median_without_s is None and self.median_with_s is not None
+
+    @property
+    def harmful(self) -> bool:
+        """The other way round: with the technique the target is missed, without it reached."""
+        return self.median_with_s is None and self.median_without_s is not None
+
+    @property
+    def text(self) -> str:
+        """The speedup as the tables print it: a factor, or what is known when a side missed the target."""
+        r = self.speedup
+        if self.needed or self.harmful:
+            side, rate = ("without", self.pass_rate_without) if self.needed else ("with", self.pass_rate_with)
+            best = self.best_accuracy_without if self.needed else self.best_accuracy_with
+            reached = "" if rate == 0 else f", {rate:.0%} of runs reached it"
+            text = (f"{'needed to reach' if self.needed else 'misses'} the target ({side} it: best "
+                    f"{'-' if best is None else f'{best:.1%}'}{reached})")
+            informative = r.value is not None and (r.value > 1 if self.needed else r.value < 1)
+            return text + (f"; {r}" if informative else "")
+        return str(r)
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "speedup": self.speedup.to_dict()}
+        return {**asdict(self), "speedup": {**self.speedup.to_dict(), "text": self.text}, "needed": self.needed}
 
 
 @dataclass(frozen=True)

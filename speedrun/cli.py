@@ -1,4 +1,4 @@
-"""The ``speedrun`` command: train, lr-find, recipes, runs, show."""
+"""The ``speedrun`` command: every subcommand's parser, and train, lr-find, recipes, techniques, runs, show."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +8,11 @@ import signal
 import uuid
 from typing import Any, Sequence
 
-from rich.markup import escape
 from rich.table import Table
 
 from speedrun.argtypes import parse_sets, positive_int, target_fraction, technique_names
 from speedrun.config import ConfigError
-from speedrun.console import new_console
+from speedrun.console import escape, new_console, percent, plural
 from speedrun.data import DataError
 from speedrun import inference_cli
 from speedrun.data import cli as data_cli
@@ -36,24 +35,45 @@ def _fmt_s(seconds: float | None) -> str:
 
 # ---------------------------------------------------------------- train
 
+def _fmt_acc(accuracy: float | None) -> str:
+    return "not evaluated" if accuracy is None else f"{accuracy:.2%}"
+
+
+def _outcome_line(outcome: str, detail: str | None, *, sep: str = " ") -> str:
+    """The outcome's words and the detail: ``interrupted at step 12``, not ``interrupted interrupted at
+    step 12`` (a detail that starts with the words is not preceded by them again). Plain text: the
+    caller escapes it."""
+    words = outcome.replace("_", " ")
+    if detail and detail.startswith(words):
+        return detail
+    return f"{words}{sep}{detail}" if detail else words
+
+
 def _print_result(r) -> None:
-    status = {"reached": "[bold green]reached[/]", "interrupted": "[yellow]interrupted[/]"}.get(
-        r.outcome, f"[bold red]{r.outcome.replace('_', ' ')}[/]")
-    out.print(f"{status} {r.detail}  (run {r.run_id}, recipe {r.recipe.name}, seed {r.seed})", highlight=False)
+    style = {"reached": "bold green", "interrupted": "yellow"}.get(r.outcome, "bold red")
+    words = r.outcome.replace("_", " ")
+    line = _outcome_line(r.outcome, r.detail)
+    out.print(f"[{style}]{words}[/]{escape(line[len(words):])}  (run {r.run_id}, recipe {escape(r.recipe.name)}, "
+              f"seed {r.seed})", highlight=False)
     rows = [
-        ("time-to-accuracy", f"{_fmt_s(r.time_to_accuracy_s)}  target {r.target:.2%}, best {r.best_accuracy:.2%}"),
+        ("time-to-accuracy", f"{_fmt_s(r.time_to_accuracy_s)}  target {r.target:.2%}, best {_fmt_acc(r.best_accuracy)}"),
         ("clock", f"{_fmt_s(r.total_time_s)} = train {_fmt_s(r.train_time_s)} + evaluations "
                   f"{_fmt_s(r.eval_time_s)} ({len(r.curve)})"),
-        ("epochs", f"{r.epochs:.2f} ({r.steps} steps)"),
+        ("epochs", f"{r.epochs:.2f} ({plural(r.steps, 'step')})"),
         ("images/s", f"{r.images_per_s:,.0f} (training, evals excluded)"),
         ("model", _model_flops(r)),
         ("MFU", _mfu(r)),
         ("dataset prep", f"{_fmt_s(r.prepare_s)} one-time, outside the clock"
                          + (" (cached)" if r.prepare_s == 0 else "")),
-        ("device", f"{r.device}, {r.env.get('threads')} threads, {r.env.get('precision')}, torch {r.torch_version}"),
+        ("device", f"{r.device}, {_threads(r.env)}, {r.env.get('precision')}, torch {r.torch_version}"),
     ]
     for name, value in rows:
-        out.print(f"  {name:<17} {value}", highlight=False)
+        out.print(f"  {name:<17} {value}", markup=False, highlight=False)
+
+
+def _threads(env: dict) -> str:
+    n = env.get("threads")
+    return plural(n, "thread") if isinstance(n, int) else f"{n} threads"
 
 
 def _model_flops(r) -> str:
@@ -82,13 +102,14 @@ def _seeds_summary(results: list, group_id: str) -> dict[str, Any]:
     stats = seed_stats([r.time_to_accuracy_s for r in results])
     first = results[0]
     return {
-        "run_id": group_id, "group_id": group_id, "recipe": first.recipe.name, "target": first.target,
+        "group_id": group_id, "recipe": first.recipe.name, "target": first.target,
         "seeds": [r.seed for r in results], "reached": stats.passed == stats.runs,
         "time_to_accuracy_s": stats.median_s, "median_time_to_accuracy_s": stats.median_s,
         "min_time_to_accuracy_s": stats.min_s, "max_time_to_accuracy_s": stats.max_s,
         "cv_time_to_accuracy": stats.cv, "mlperf_time_to_accuracy_s": stats.mlperf_s,
         "pass_rate": stats.pass_rate, "train_time_s": median(r.train_time_s for r in results),
-        "best_accuracy": max(r.best_accuracy for r in results), "epochs": median(r.epochs for r in results),
+        "best_accuracy": max((r.best_accuracy for r in results if r.best_accuracy is not None), default=None),
+        "epochs": median(r.epochs for r in results),
         "images_per_s": median(r.images_per_s for r in results), "mfu": median(r.mfu for r in results),
         "device": first.device, "torch_version": first.torch_version,
         "runs": [r.to_dict() for r in results],
@@ -109,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         store = RunStore(args.store) if args.store else RunStore(_default_store())
     except StoreError as e:
         store_problem = str(e)
-        err.print(f"[bold red]speedrun: error:[/] {e}; training anyway, the run will not be recorded",
+        err.print(f"[bold red]speedrun: error:[/] {escape(str(e))}; training anyway, the run will not be recorded",
                   highlight=False)
 
     group_id = uuid.uuid4().hex[:10] if args.seeds > 1 else None
@@ -126,14 +147,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             r = run_seed(store=store)
         except StoreError as e:  # the store opened but cannot record the run's start: train this seed unrecorded
             store_problem, store = str(e), None
-            err.print(f"[bold red]speedrun: error:[/] {e}; training anyway, the run will not be recorded",
+            err.print(f"[bold red]speedrun: error:[/] {escape(str(e))}; training anyway, the run will not be recorded",
                       highlight=False)
             r = run_seed(store=None)
         results.append(r)
         unrecorded += store is None or bool(r.store_error)
         if r.store_error:
             store_problem, store = r.store_error, None
-            err.print(f"[bold red]speedrun: error:[/] {r.store_error}; the result below is not recorded",
+            err.print(f"[bold red]speedrun: error:[/] {escape(r.store_error)}; the result below is not recorded",
                       highlight=False)
         if not args.json:
             _print_result(r)
@@ -147,8 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(payload, default=str))
     elif args.seeds > 1:
         s = _seeds_summary(results, group_id)
-        out.print(f"\n[bold]{len(results)} seeds[/] (group {group_id}): pass-rate {s['pass_rate']:.0%}, "
-                  f"time-to-{s['target']:.0%} median {_fmt_s(s['median_time_to_accuracy_s'])}, "
+        out.print(f"\n[bold]{plural(len(results), 'seed')}[/] (group {group_id}): pass-rate {s['pass_rate']:.0%}, "
+                  f"time-to-{percent(s['target'])} median {_fmt_s(s['median_time_to_accuracy_s'])}, "
                   f"min {_fmt_s(s['min_time_to_accuracy_s'])}, max {_fmt_s(s['max_time_to_accuracy_s'])}, "
                   f"CV {s['cv_time_to_accuracy'] or 0:.1%}, MLPerf aggregate "
                   f"{_fmt_s(s['mlperf_time_to_accuracy_s'])}", highlight=False)
@@ -186,7 +207,7 @@ def _save_model(r, path: str, seed: int | None, *, quiet: bool) -> None:
     if not quiet:
         accuracy = r.curve[-1].accuracy if r.curve else None
         out.print(f"  saved             {target}" + (f" (final accuracy {accuracy:.2%})" if accuracy is not None
-                                                      else " (never evaluated)"), highlight=False)
+                                                      else " (never evaluated)"), markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------- lr-find
@@ -210,28 +231,37 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**r.to_dict(), "plot": None if plot is None else str(plot)}))
     else:
-        out.print(f"LR range test of [bold]{r.recipe}[/] (batch {r.batch_size}): {len(r.lrs)} of {r.steps_planned} "
-                  f"steps, LR {r.lrs[0]:.3g} -> {r.lrs[-1]:.3g}, {r.seconds:.1f} s; {r.outcome}"
-                  + (f": {r.detail}" if r.detail else ""),
+        out.print(f"LR range test of [bold]{escape(r.recipe)}[/] (batch {r.batch_size}): {len(r.lrs)} of "
+                  f"{plural(r.steps_planned, 'step')}, LR {r.lrs[0]:.3g} -> {r.lrs[-1]:.3g}, {r.seconds:.1f} s; "
+                  + escape(_outcome_line(r.outcome, r.detail, sep=": ")),
                   highlight=False)
         unit = f"optim.lr (per {r.lr_batch_size} examples)"
-        rows = [("steepest descent", s.steepest_lr, "  <- suggested"),
+        peaked = r.method == "min_loss"
+        rows = [("steepest descent", s.steepest_lr, "" if peaked else "  <- suggested: a constant or decaying LR"),
                 ("min loss / 10", s.min_loss_lr_div10, ""),
-                ("min loss", s.min_loss_lr, "  (a one-cycle peak rarely goes above this)"),
+                ("min loss", s.min_loss_lr, f"  <- suggested: the peak of a {r.schedule} schedule" if peaked else
+                 "  (a peak that anneals could go this high)"),
                 ("recipe's LR", r.recipe_lr, "")]
         for name, lr, note in rows:
             value = "-" if lr is None else f"LR {lr:.3g} = {unit} {r.to_optim_lr(lr):.3g}"
-            out.print(f"  {name:<17} {value}{note}", highlight=False)
+            out.print(f"  {name:<17} {value}{note}", markup=False, highlight=False)
         if r.suggested_optim_lr is not None:
-            out.print(f"  try               speedrun train --set optim.lr={r.suggested_optim_lr:.3g}  "
-                      "(a peak LR: the recipe's schedule scales it)", highlight=False)
+            sets = " ".join(f"--set {key}={value:.3g}" for key, value in r.suggested_sets().items())
+            why = (f"the peak of the recipe's {r.schedule} schedule" if peaked else
+                   f"the recipe's {r.schedule} schedule starts there")
+            out.print(f"  try               speedrun train {sets}  ({why}"
+                      + ("; Muon's LR keeps its ratio to optim.lr, as in the sweep" if r.recipe_muon_lr else "")
+                      + ")", markup=False, highlight=False)
+            if peaked and r.min_at_end:
+                out.print("  note              the loss was still falling at the end of the sweep: raise --end-lr "
+                          "to see its minimum", markup=False, highlight=False)
         else:
             out.print("  no suggestion: the smoothed loss never fell; lower --start-lr or raise --end-lr",
                       highlight=False)
         if plot is not None:
-            out.print(f"  plot              {plot}", highlight=False)
-        out.print(f"  device            {r.device}, {r.env.get('threads')} threads, {r.precision}, "
-                  f"torch {r.torch_version}", highlight=False)
+            out.print(f"  plot              {plot}", markup=False, highlight=False)
+        out.print(f"  device            {r.device}, {_threads(r.env)}, {r.precision}, "
+                  f"torch {r.torch_version}", markup=False, highlight=False)
     if r.outcome == "interrupted":
         return EXIT_INTERRUPTED
     return 0 if r.suggested_lr is not None else EXIT_NOT_REACHED
@@ -243,9 +273,11 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     from speedrun.recipes import RECIPES, get_recipe
 
     if args.name:
+        from speedrun.config import load_toml
         from speedrun.techniques.registry import enabled_techniques
 
-        recipe = get_recipe(args.name)
+        # A .toml file resolves against its base, as `train --recipe my.toml` does.
+        recipe = load_toml(args.name) if args.name.endswith(".toml") else get_recipe(args.name)
         if args.json:
             print(recipe.to_json())
         else:
@@ -254,9 +286,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
                 if isinstance(value, dict):
                     out.print(f"[bold]{section}[/]")
                     for key, v in value.items():
-                        out.print(f"  {section}.{key} = {v!r}", highlight=False)
+                        out.print(f"  {section}.{key} = {v!r}", markup=False, highlight=False)
                 else:
-                    out.print(f"{section} = {value!r}", highlight=False)
+                    out.print(f"{section} = {value!r}", markup=False, highlight=False)
         return 0
     if args.json:
         print(json.dumps([{"name": s.name, "description": s.description, "target": s.build().target}
@@ -264,7 +296,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         return 0
     table = Table("recipe", "target", "description")
     for spec in RECIPES.values():
-        table.add_row(spec.name, f"{spec.build().target:.0%}", spec.description)
+        table.add_row(escape(spec.name), percent(spec.build().target), escape(spec.description))
     out.print(table)
     return 0
 
@@ -277,9 +309,9 @@ def cmd_techniques(args: argparse.Namespace) -> int:
         print(json.dumps(records))
         return 0
     for t in records:
-        out.print(f"[bold]{t['name']}[/]: {t['summary']}", highlight=False)
+        out.print(f"[bold]{escape(t['name'])}[/]: {escape(t['summary'])}", highlight=False)
         for label in ("source", "helps_when", "cost", "switch"):
-            out.print(f"    {label.replace('_', ' '):<11} {t[label]}", highlight=False)
+            out.print(f"    {label.replace('_', ' '):<11} {t[label]}", markup=False, highlight=False)
     return 0
 
 
@@ -300,41 +332,101 @@ def cmd_runs(args: argparse.Namespace) -> int:
         lost = store.mark_lost()
         err.print(f"speedrun: recorded {len(lost)} run(s) as lost" + (f": {', '.join(lost)}" if lost else ""),
                   highlight=False)
-    runs = store.list_runs(recipe=args.recipe, outcome=args.outcome, group=args.group, limit=args.limit)
+    group = (store.find_group(args.group) or args.group) if args.group else None  # a unique prefix will do
+    runs = store.list_runs(recipe=args.recipe, outcome=args.outcome, group=group, limit=args.limit)
     if args.json:
         print(json.dumps(runs))
         return 0
+    _print_runs(runs)
+    if not runs:
+        out.print(f"[dim]no runs in {escape(str(store.path))} match[/]")
+    elif group:
+        _print_group_stats(runs)
+    return 0
+
+
+def _print_runs(runs: list[dict[str, Any]]) -> None:
     table = Table("id", "started (UTC)", "recipe", "seed", "outcome", "target", "time-to-acc", "best acc",
                   "epochs", "device")
     for run in runs:
         s = run["summary"]
-        table.add_row(run["id"], run["created_at"].replace("+00:00", ""), run["recipe_name"], str(run["seed"]),
-                      run["outcome"], f"{run['target']:.2%}" if run["target"] else "-",
+        best = run["best_accuracy"]
+        table.add_row(run["id"], run["created_at"].replace("+00:00", ""), escape(run["recipe_name"]),
+                      str(run["seed"]), run["outcome"], f"{run['target']:.2%}" if run["target"] else "-",
                       _fmt_s(run["time_to_accuracy_s"]),
-                      f"{run['best_accuracy']:.2%}" if run["best_accuracy"] is not None else "-",
-                      f"{s['epochs']:.2f}" if "epochs" in s else "-", run["device"] or "-")
+                      f"{best:.2%}" if best is not None else "not evaluated" if run["outcome"] != "running" else "-",
+                      f"{s['epochs']:.2f}" if "epochs" in s else "-", escape(run["device"] or "-"))
     out.print(table)
-    if not runs:
-        out.print(f"[dim]no runs in {store.path} match[/]")
+
+
+def _print_group_stats(runs: list[dict[str, Any]]) -> None:
+    from speedrun.compare import group_statistics
+
+    stats = group_statistics(runs)
+    unfinished = len(runs) - sum(s["runs"] for s in stats)
+    for s in stats:
+        target = "?" if s["target"] is None else percent(s["target"])
+        out.print(f"{s['recipe']}: {plural(s['runs'], 'finished run')}, pass-rate "
+                  f"{s['pass_rate']:.0%}, time-to-{target} median {_fmt_s(s['median_s'])}, min {_fmt_s(s['min_s'])}, "
+                  f"max {_fmt_s(s['max_s'])}" + ("" if s["cv"] is None else f", CV {s['cv']:.1%}")
+                  + ("" if s["mlperf_s"] is None else f", MLPerf aggregate {_fmt_s(s['mlperf_s'])}"),
+                  markup=False, highlight=False)
+    if unfinished:
+        out.print(f"{plural(unfinished, 'run')} not finished (running, interrupted, failed or lost): not counted",
+                  markup=False, highlight=False)
+
+
+def _show_group(store: RunStore, group_id: str, *, as_json: bool) -> int:
+    runs = store.list_runs(group=group_id, limit=None)
+    try:
+        ablation = store.get_ablation(group_id)["id"]
+    except StoreError:
+        ablation = None
+    if as_json:
+        from speedrun.compare import group_statistics
+
+        print(json.dumps({"group_id": group_id, "ablation": ablation is not None,
+                          "statistics": group_statistics(runs), "runs": runs}))
+        return 0
+    kind = "ablation" if ablation else "group"
+    out.print(f"[bold]{kind} {group_id}[/]: {plural(len(runs), 'run')}", highlight=False)
+    _print_runs(runs)
+    _print_group_stats(runs)
+    if ablation:
+        out.print(f"[dim]its table: speedrun ablate --resume {group_id}; a run: speedrun show RUN_ID[/]")
+    else:
+        out.print("[dim]a run in full: speedrun show RUN_ID[/]")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    run = _open_store(args).get_run(args.run_id)
+    store = _open_store(args)
+    try:
+        run = store.get_run(args.run_id)
+    except StoreError as e:
+        group = store.find_group(args.run_id)  # `train --seeds N` and `ablate` print a group id
+        if group is None and "ambiguous" in str(e):
+            raise
+        if group is None:
+            raise StoreError(f"no run or group with id {args.run_id!r} in {store.path}") from None
+        return _show_group(store, group, as_json=args.json)
     if args.json:
         print(json.dumps(run))
         return 0
     s = run["summary"]
-    out.print(f"[bold]run {run['id']}[/] {run['recipe_name']} seed {run['seed']}: {run['outcome']} "
-              f"{run['detail'] or ''}", highlight=False)
+    out.print(f"[bold]run {run['id']}[/] {escape(run['recipe_name'])} seed {run['seed']}: "
+              f"{escape(_outcome_line(run['outcome'], run['detail']))}", highlight=False)
     for key in ("time_to_accuracy_s", "total_time_s", "train_time_s", "eval_time_s", "prepare_s",
                 "best_accuracy", "epochs", "images_per_s", "flops_per_image", "mfu"):
         if key in s:
-            out.print(f"  {key:<20} {s[key]}", highlight=False)
+            value = "not evaluated" if key == "best_accuracy" and s[key] is None else s[key]
+            out.print(f"  {key:<20} {value}", markup=False, highlight=False)
+    if run["group_id"]:
+        out.print(f"  {'group':<20} {run['group_id']} (speedrun show {run['group_id']})", highlight=False)
     out.print("[bold]environment[/]")
     for key, value in run["env"].items():
         if key != "traceback":
-            out.print(f"  {key:<20} {value}", highlight=False)
+            out.print(f"  {key:<20} {value}", markup=False, highlight=False)
     if run["curve"]:
         table = Table("elapsed s", "epoch", "step", "accuracy", "test loss", "train loss", title="curve")
         for p in run["curve"]:
@@ -347,15 +439,33 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- parser
 
+class _CommandsHelp(argparse.HelpFormatter):
+    """Each command and its help on one line (the help strings stay within 62 columns).
+
+    argparse measures the command names without their extra indent, so the longest name
+    (``techniques``) got a line of its own, its help wrapped onto the next.
+    """
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            self._action_max_length = max(self._action_max_length,
+                                          self._current_indent + 2 + max(map(len, action.choices)))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="speedrun", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="speedrun", description="Train a network to a target accuracy as fast as the hardware allows, and "
+                                     "measure time-to-accuracy.",
+        epilog="speedrun COMMAND --help shows a command's options.",
+        formatter_class=_CommandsHelp)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def store_option(p):
         p.add_argument("--store", help="run store (SQLite file); default $SPEEDRUN_STORE or "
                                        "$SPEEDRUN_HOME/runs.sqlite (~/.speedrun/runs.sqlite)")
 
-    t = sub.add_parser("train", help="train a recipe to a target accuracy and report time-to-accuracy")
+    t = sub.add_parser("train", help="train a recipe to a target accuracy; report time-to-accuracy")
     t.add_argument("--recipe", default="fashion-mnist", help="built-in recipe name or a .toml file "
                                                               "(default: fashion-mnist)")
     t.add_argument("--data", help="dataset: a built-in name or a path (default: the recipe's)")
@@ -377,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_option(t)
     t.set_defaults(func=cmd_train)
 
-    lf = sub.add_parser("lr-find", help="LR range test: train briefly with a growing LR and suggest a peak LR")
+    lf = sub.add_parser("lr-find", help="LR range test: a peak LR for the recipe's schedule")
     lf.add_argument("--recipe", default="fashion-mnist", help="built-in recipe name or a .toml file")
     lf.add_argument("--data", help="dataset: a built-in name or a path (default: the recipe's)")
     lf.add_argument("--seed", type=int, default=0)
@@ -398,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     lf.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     lf.set_defaults(func=cmd_lr_find)
 
-    r = sub.add_parser("recipes", help="list built-in recipes, or show one in full")
-    r.add_argument("name", nargs="?")
+    r = sub.add_parser("recipes", help="list the built-in recipes, or show one (or a .toml) in full")
+    r.add_argument("name", nargs="?", help="a built-in recipe's name, or a .toml recipe file")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_recipes)
 
@@ -410,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("runs", help="list stored runs, newest first")
     ls.add_argument("--recipe")
     ls.add_argument("--outcome", choices=OUTCOMES)
-    ls.add_argument("--group", help="runs of one multi-seed group")
+    ls.add_argument("--group", help="runs of one group (train --seeds N, ablate), with their statistics; "
+                                    "a unique prefix will do")
     ls.add_argument("--limit", type=positive_int, default=50)
     ls.add_argument("--mark-lost", action="store_true",
                     help="record runs shown as lost (running, but their process on this host is gone) as lost "
@@ -419,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     store_option(ls)
     ls.set_defaults(func=cmd_runs)
 
-    sh = sub.add_parser("show", help="show one stored run: summary, environment, curve")
-    sh.add_argument("run_id", help="run id or a unique prefix of it")
+    sh = sub.add_parser("show", help="show a stored run, or a group of runs with its statistics")
+    sh.add_argument("run_id", help="a run id or a group id (train --seeds N, ablate), or a unique prefix")
     sh.add_argument("--json", action="store_true")
     store_option(sh)
     sh.set_defaults(func=cmd_show)

@@ -1,12 +1,19 @@
 """``speedrun compare``: group stored runs by environment and recipe, and split differences into
 hardware and software parts.
 
+**Like with like.** Only runs on the same dataset (the recipe's data source by its last path
+component) to the same target are compared: the runs are split by (dataset, target), the set with
+the most finished runs is compared (or the one ``--data``/``--target`` pick), and the others are
+named as left out.
+
 **Groups.** Runs are grouped by the keys of ``--by`` (default ``device,precision,recipe``; see
 :data:`KEYS`). ``recipe`` is the recipe's name plus a short hash of its resolved values (the data
 source by its last path component, so the same dataset at another path still matches): runs of
-the same name with other overrides are other recipes. Per group: the median time-to-accuracy over
-its runs, unreached runs counting as slower than any (see ``speedrun.attribution``), and the
-pass-rate. Only finished runs count (reached, budget exhausted, diverged).
+the same name with other overrides are other recipes. They are shown by name, with the values that
+tell same-named recipes apart (``fashion-mnist[train.epochs=3]``; see :func:`recipe_labels`). Per
+group: the median time-to-accuracy over its runs, unreached runs counting as slower than any (see
+``speedrun.attribution``), and the pass-rate. Only finished runs count (reached, budget exhausted,
+diverged).
 
 **The split.** Every group ``g`` is compared with the fastest group ``r``: ``total = t(g) / t(r)``.
 Its key has a hardware part (``device``, ``cpu``, ``threads``: :data:`HARDWARE_KEYS`) and a software
@@ -21,8 +28,8 @@ g's hardware. Then
 
 Assumptions: time-to-accuracy is a product of a hardware factor and a software factor (a device
 speeds every recipe up by the same factor); the runs of a group are exchangeable repeats (seeds) on
-an otherwise quiet machine; all groups train to the same target on the same dataset (both are part
-of the recipe hash). ``path_disagreement`` = (hardware via X) / (hardware via Y) tests the first
+an otherwise quiet machine; all groups train to the same target on the same dataset (ensured by
+the split above). ``path_disagreement`` = (hardware via X) / (hardware via Y) tests the first
 assumption where both cross groups exist: 1 when it holds; far from 1 means the hardware gain
 depends on the software (e.g. channels_last pays on one CPU only), and the split is an average.
 With neither cross group, no split is made: run the same recipe on both machines first.
@@ -32,26 +39,95 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from speedrun.argtypes import target_fraction
 from speedrun.attribution import RESAMPLES, Ratio, Sample, ratio_of_products
 from speedrun.config import ConfigError
-from speedrun.console import new_console
+from speedrun.console import escape, new_console, percent, plural
+from speedrun.measure.stats import seed_stats
 from speedrun.store import RunStore
 
 FINISHED = ("reached", "budget_exhausted", "diverged")
 HARDWARE_KEYS = frozenset({"device", "cpu", "threads"})
+LABEL_KEYS = 3  # a label names at most this many distinguishing values; the rest go under the table
+
+
+def _recipe(run: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored recipe without its name and description, the data source by its last path component."""
+    recipe = {k: v for k, v in (run.get("recipe") or {}).items() if k not in ("name", "description")}
+    if "source" in (recipe.get("data") or {}):
+        recipe["data"] = {**recipe["data"], "source": Path(str(recipe["data"]["source"])).name}
+    return recipe
 
 
 def recipe_key(run: Mapping[str, Any]) -> str:
     """``name@hash`` of the resolved recipe, the data source reduced to its last path component."""
-    recipe = {k: v for k, v in (run.get("recipe") or {}).items() if k not in ("name", "description")}
-    if "source" in (recipe.get("data") or {}):
-        recipe["data"] = {**recipe["data"], "source": Path(str(recipe["data"]["source"])).name}
-    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:6]
+    digest = hashlib.sha1(json.dumps(_recipe(run), sort_keys=True).encode()).hexdigest()[:6]
     return f"{run['recipe_name']}@{digest}"
+
+
+def dataset_of(run: Mapping[str, Any]) -> str:
+    """The dataset a run trained on: its data source's last path component (``fashion-mnist``)."""
+    return str(((run.get("recipe") or {}).get("data") or {}).get("source") or "?").rstrip("/").split("/")[-1] or "?"
+
+
+def _flat(recipe: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in recipe.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _value(v: Any) -> str:
+    """A recipe value as ``--set`` takes it."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return ",".join(_value(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return "-" if v is None else str(v)
+
+
+def recipe_labels(runs: Sequence[Mapping[str, Any]]) -> tuple[dict[str, str], list[str]]:
+    """Readable names for the :func:`recipe_key` of each run, and notes for under a table.
+
+    A recipe name with one configuration among ``runs`` is shown as the name; several recipes of the
+    same name are shown with the values that tell them apart, as ``--set`` would give them
+    (``fashion-mnist[train.epochs=3]``). Past :data:`LABEL_KEYS` values the label ends in
+    ``+N more`` (with the key's hash if that is still ambiguous) and a note lists them all.
+    """
+    configs: dict[str, dict[str, dict[str, Any]]] = {}  # name -> key -> flat recipe
+    for run in runs:
+        configs.setdefault(str(run["recipe_name"]), {}).setdefault(recipe_key(run), _flat(_recipe(run)))
+    labels: dict[str, str] = {}
+    notes: list[str] = []
+    for name, by_key in configs.items():
+        if len(by_key) == 1:
+            labels.update(dict.fromkeys(by_key, name))
+            continue
+        all_keys = sorted(set().union(*by_key.values()))
+        differ = [k for k in all_keys
+                  if len({json.dumps(c[k], default=str) if k in c else "(absent)" for c in by_key.values()}) > 1]
+        for key, flat in by_key.items():
+            values = [f"{k}={_value(flat[k]) if k in flat else '(absent)'}" for k in differ]
+            shown = values[:LABEL_KEYS] + ([f"+{len(values) - LABEL_KEYS} more"] if len(values) > LABEL_KEYS else [])
+            labels[key] = f"{name}[{', '.join(shown)}]"
+        counts = Counter(labels[k] for k in by_key)
+        for key, flat in by_key.items():
+            if counts[labels[key]] > 1:  # the first values agree: the hash keeps the labels apart
+                labels[key] += key[len(name):]
+            if len(differ) > LABEL_KEYS:
+                notes.append(f"{labels[key]}: " + ", ".join(
+                    f"{k}={_value(flat[k]) if k in flat else '(absent)'}" for k in differ))
+    return labels, notes
 
 
 def _env(key: str, default: str = "?") -> Callable[[Mapping[str, Any]], str]:
@@ -93,18 +169,24 @@ class Group:
     key: tuple[str, ...]
     run_ids: tuple[str, ...]
     sample: Sample
+    shown: tuple[str, ...] = ()  # the key as printed: recipe keys by their labels (see recipe_labels)
 
     @property
     def median_s(self) -> float | None:
         return self.sample.median_s
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.shown or self.key
+
     def label(self, by: Sequence[str]) -> str:
-        return ", ".join(f"{k}={v}" for k, v in zip(by, self.key))
+        return ", ".join(f"{k}={v}" for k, v in zip(by, self.names))
 
     def to_dict(self, by: Sequence[str]) -> dict[str, Any]:
         s = self.sample
         reached = [t for t in s.times if t is not None]
-        return {"key": dict(zip(by, self.key)), "label": self.label(by), "runs": list(self.run_ids),
+        return {"key": dict(zip(by, self.key)), "shown": dict(zip(by, self.names)), "label": self.label(by),
+                "runs": list(self.run_ids),
                 "median_time_to_accuracy_s": s.median_s, "min_time_to_accuracy_s": min(reached, default=None),
                 "max_time_to_accuracy_s": max(reached, default=None), "pass_rate": s.pass_rate,
                 "best_accuracy": s.median_best_accuracy}
@@ -132,20 +214,66 @@ class Comparison:
     by: tuple[str, ...]
     groups: tuple[Group, ...]  # fastest first; groups without a median last
     splits: tuple[Split, ...]
+    dataset: str | None = None  # what every compared run trained on ...
+    target: float | None = None  # ... and to what accuracy
+    left_out: tuple[dict[str, Any], ...] = ()  # finished runs on another dataset or target: dataset, target, runs
+    notes: tuple[str, ...] = ()  # recipe labels too long for the table, in full
 
     def to_dict(self) -> dict[str, Any]:
-        return {"by": list(self.by), "groups": [g.to_dict(self.by) for g in self.groups],
-                "splits": [s.to_dict(self.by) for s in self.splits]}
+        return {"by": list(self.by), "dataset": self.dataset, "target": self.target,
+                "groups": [g.to_dict(self.by) for g in self.groups],
+                "splits": [s.to_dict(self.by) for s in self.splits], "left_out": list(self.left_out),
+                "notes": list(self.notes)}
 
 
 def group_runs(runs: Sequence[Mapping[str, Any]], by: Sequence[str]) -> list[Group]:
     """Finished runs grouped by ``by``, fastest median first (unreached medians last)."""
+    finished = [run for run in runs if run["outcome"] in FINISHED]
+    labels = recipe_labels(finished)[0] if "recipe" in by else {}
     buckets: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+    for run in finished:
+        buckets.setdefault(tuple(KEYS[k](run) for k in by), []).append(run)
+    groups = [Group(key, tuple(r["id"] for r in rs), run_sample(rs),
+                    tuple(labels.get(v, v) if k == "recipe" else v for k, v in zip(by, key)))
+              for key, rs in buckets.items()]
+    return sorted(groups, key=lambda g: (g.median_s is None, g.median_s or 0.0, -g.sample.pass_rate, g.key))
+
+
+def group_statistics(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per recipe among ``runs`` (named by :func:`recipe_labels`), the statistics ``train --seeds``
+    prints, over its finished runs: ``speedrun show GROUP_ID`` and ``runs --group``."""
+    finished = [r for r in runs if r["outcome"] in FINISHED]
+    labels = recipe_labels(finished)[0]
+    buckets: dict[str, list[Mapping[str, Any]]] = {}
+    for run in reversed(finished):  # oldest first
+        buckets.setdefault(recipe_key(run), []).append(run)
+    return [{"recipe": labels[key], "target": rs[0]["target"], "run_ids": [r["id"] for r in rs],
+             **seed_stats([r["time_to_accuracy_s"] if r["outcome"] == "reached" else None for r in rs]).to_dict()}
+            for key, rs in buckets.items()]
+
+
+def like_with_like(runs: Sequence[Mapping[str, Any]], *, dataset: str | None = None, target: float | None = None
+                   ) -> tuple[list[Mapping[str, Any]], str | None, float | None, list[dict[str, Any]]]:
+    """The finished runs that can be compared: one dataset, one target.
+
+    ``dataset``/``target`` pick them; otherwise the (dataset, target) with the most finished runs
+    (on a tie, the one of the earliest run in ``runs``: the newest, as the store lists them). Returns
+    those runs, their dataset and target, and what was left out: ``{"dataset", "target", "runs"}``
+    (run ids) per other set.
+    """
+    sets: dict[tuple[str, float | None], list[Mapping[str, Any]]] = {}
     for run in runs:
         if run["outcome"] in FINISHED:
-            buckets.setdefault(tuple(KEYS[k](run) for k in by), []).append(run)
-    groups = [Group(key, tuple(r["id"] for r in rs), run_sample(rs)) for key, rs in buckets.items()]
-    return sorted(groups, key=lambda g: (g.median_s is None, g.median_s or 0.0, -g.sample.pass_rate, g.key))
+            sets.setdefault((dataset_of(run), run.get("target")), []).append(run)
+    wanted = [k for k in sets if (dataset is None or k[0] == dataset)
+              and (target is None or (k[1] is not None and abs(k[1] - target) < 1e-9))]
+    if not wanted:
+        return [], dataset, target, [{"dataset": d, "target": t, "runs": [r["id"] for r in rs]}
+                                     for (d, t), rs in sets.items()]
+    chosen = max(wanted, key=lambda k: len(sets[k]))  # max keeps the first of equals: the newest set
+    left = [{"dataset": d, "target": t, "runs": [r["id"] for r in rs]} for (d, t), rs in sets.items()
+            if (d, t) != chosen]
+    return sets[chosen], chosen[0], chosen[1], left
 
 
 def split_difference(groups: Sequence[Group], group: Group, reference: Group, *, by: Sequence[str],
@@ -194,16 +322,23 @@ def split_difference(groups: Sequence[Group], group: Group, reference: Group, *,
 
 
 def compare(runs: Sequence[Mapping[str, Any]], *, by: Sequence[str] = ("device", "precision", "recipe"),
-            resamples: int = RESAMPLES, seed: int = 0) -> Comparison:
-    """Group ``runs`` (stored-run dicts) and split each group's difference from the fastest."""
+            dataset: str | None = None, target: float | None = None, resamples: int = RESAMPLES,
+            seed: int = 0) -> Comparison:
+    """Group ``runs`` (stored-run dicts) and split each group's difference from the fastest.
+
+    Only runs on one dataset to one target are compared (see :func:`like_with_like`); the others are
+    listed in ``left_out``.
+    """
     by = parse_keys(by)
-    groups = group_runs(runs, by)
+    chosen, dataset, target, left_out = like_with_like(runs, dataset=dataset, target=target)
+    groups = group_runs(chosen, by)
     splits = []
     if groups and groups[0].median_s is not None:
         reference = groups[0]
         splits = [split_difference(groups, g, reference, by=by, resamples=resamples, seed=seed)
                   for g in groups[1:]]
-    return Comparison(tuple(by), tuple(groups), tuple(splits))
+    notes = recipe_labels(chosen)[1] if "recipe" in by else []
+    return Comparison(tuple(by), tuple(groups), tuple(splits), dataset, target, tuple(left_out), tuple(notes))
 
 
 # ---------------------------------------------------------------- the command
@@ -215,26 +350,36 @@ def _fmt_s(seconds: float | None) -> str:
 def print_comparison(c: Comparison, console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"runs grouped by {', '.join(c.by)}")
+    on = "" if c.dataset is None else f" on {c.dataset}" + ("" if c.target is None else f" to {percent(c.target)}")
+    t = Table(title=escape(f"runs{on} grouped by {', '.join(c.by)}"))
     for col in (*c.by, "runs", "pass-rate", "median time-to-accuracy", "min", "max"):
         t.add_column(col)
     for g in c.groups:
         d = g.to_dict(c.by)
         median = _fmt_s(g.median_s) if g.median_s is not None else \
             f"not reached (best {g.sample.median_best_accuracy or 0:.1%})"
-        t.add_row(*g.key, str(len(g.run_ids)), f"{g.sample.pass_rate:.0%}", median,
+        t.add_row(*map(escape, g.names), str(len(g.run_ids)), f"{g.sample.pass_rate:.0%}", median,
                   _fmt_s(d["min_time_to_accuracy_s"]), _fmt_s(d["max_time_to_accuracy_s"]))
     console.print(t)
+    for note in c.notes:
+        console.print(note, markup=False, highlight=False)
+    for left in c.left_out:
+        target = "?" if left["target"] is None else percent(left["target"])
+        console.print(f"left out: {plural(len(left['runs']), 'run')} on {left['dataset']} to {target}, another "
+                      f"dataset or target (compare them with --data {left['dataset']} --target {target})",
+                      markup=False, highlight=False)
     if not c.splits:
         console.print("[dim]nothing to split: fewer than two groups, or no group reached its target[/]")
         return
-    s = Table(title=f"slower than the fastest group ({', '.join(c.groups[0].key)}), split into hardware x software")
+    shown = {g.key: g.names for g in c.groups}
+    s = Table(title=escape(f"slower than the fastest group ({', '.join(c.groups[0].names)}), "
+                           "split into hardware x software"))
     for col in ("group", "total", "hardware", "software", "paths agree?", "how"):
         s.add_column(col)
     for sp in c.splits:
         agree = "-" if sp.path_disagreement is None else str(sp.path_disagreement)
-        s.add_row(", ".join(sp.group), str(sp.total), str(sp.hardware or "-"), str(sp.software or "-"), agree,
-                  sp.note)
+        s.add_row(escape(", ".join(shown.get(sp.group, sp.group))), str(sp.total), str(sp.hardware or "-"),
+                  str(sp.software or "-"), agree, sp.note)
     console.print(s)
 
 
@@ -250,7 +395,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         runs = store.list_runs(recipe=args.recipe, group=args.group, limit=None)
     if not runs:
         raise ConfigError(f"no runs to compare in {store.path}")
-    result = compare(runs, by=by)
+    result = compare(runs, by=by, dataset=args.data, target=args.target)
+    if not result.groups and (args.data or args.target):
+        raise ConfigError(f"no finished runs on {args.data or 'any dataset'} to "
+                          f"{'any target' if args.target is None else percent(args.target)}; "
+                          + "; ".join(f"{plural(len(x['runs']), 'run')} on {x['dataset']} to "
+                                      f"{'?' if x['target'] is None else percent(x['target'])}"
+                                      for x in result.left_out))
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -259,13 +410,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("compare", help="group stored runs by device/precision/recipe and split their "
-                                              "differences into hardware and software parts")
+    p = subparsers.add_parser("compare", help="group stored runs, split differences into hardware x software")
     p.add_argument("runs", nargs="*", metavar="RUN_ID", help="runs to compare (default: every stored run)")
     p.add_argument("--by", default="device,precision,recipe",
                    help=f"grouping keys, comma-separated (default device,precision,recipe; valid: {', '.join(KEYS)})")
     p.add_argument("--recipe", help="only runs of this recipe name")
     p.add_argument("--group", help="only runs of this group (a multi-seed train or an ablation)")
+    p.add_argument("--data", metavar="NAME", help="only runs on this dataset (a built-in name, or the last part of "
+                                                  "its path; default: the dataset with the most runs)")
+    p.add_argument("--target", type=target_fraction, help="only runs to this target (default: the target of the "
+                                                          "most runs on that dataset)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--store", help="run store (SQLite file); default $SPEEDRUN_STORE or $SPEEDRUN_HOME/runs.sqlite")
     p.set_defaults(func=cmd_compare)

@@ -213,6 +213,15 @@ class RunStore:
             raise StoreError(f"run id prefix {run_id!r} is ambiguous; give more characters")
         return self._row(rows[0])
 
+    def find_group(self, group_id: str) -> str | None:
+        """The group id (a multi-seed train or an ablation) that starts with ``group_id``; None when no
+        run has one, StoreError when several do."""
+        rows = self._db.execute("SELECT DISTINCT group_id FROM runs WHERE group_id LIKE ? LIMIT 2",
+                                (group_id + "%",)).fetchall()
+        if len(rows) > 1:
+            raise StoreError(f"group id prefix {group_id!r} is ambiguous; give more characters")
+        return rows[0][0] if rows else None
+
     def _row(self, row: sqlite3.Row) -> dict[str, Any]:
         """A stored run as a dict. An unfinished run gets its curve so far from ``run_points``, and
         reads as ``lost`` when it was started on this host by a process that no longer exists; runs of

@@ -158,6 +158,7 @@ def test_fake_ablation_attributes_known_factors_and_reports_never_reaching(tmp_p
     print_result(result, console)
     text = console.export_text()
     assert "never reached (best 61.0%)" in text and ">= 4.95x" in text and "2.00x [" in text
+    assert "needed to reach the target (without it: best 61.0%); >= 4.95x" in text
     stored = store.get_ablation(result.ablation_id)
     assert stored["status"] == "complete" and stored["result"]["variants"][3]["never_reached"]
     assert {r["id"] for r in store.list_runs(group=result.ablation_id, limit=None)} == \
@@ -275,3 +276,59 @@ def test_tiny_ablation_end_to_end_with_interrupt_and_cli_resume(tmp_path, monkey
     text = capsys.readouterr().out
     for row in ("label-smoothing", "warm-lr", "never reached (best", "baseline", "-warm-lr"):
         assert row in text, text
+
+
+# ---------------------------------------------------------------- a technique the target needs (issue 22)
+
+def _never_reached_without_tta(ran_without: float):
+    """An ablation summary: the full recipe reaches in ~6.45 s; without flip-TTA it never does (its runs
+    stop after ``ran_without`` s at 90.9%); without flip it takes twice as long."""
+    from speedrun.ablate import RunRecord, summarize
+
+    techniques = ["flip", "flip-tta"]
+    variants = [("full", ()), ("baseline", ("flip", "flip-tta")), ("-flip", ("flip",)), ("-flip-tta", ("flip-tta",))]
+    times = {"full": 6.45, "baseline": None, "-flip": 12.9, "-flip-tta": None}
+    records = {v: [RunRecord(f"{v}{s}", v, s, "reached" if times[v] else "budget_exhausted",
+                             None if times[v] is None else times[v] * (1 + 0.01 * s),
+                             ran_without if times[v] is None else times[v] * (1 + 0.01 * s),
+                             0.909 if times[v] is None else 0.921, 1.75, 1.75) for s in range(3)]
+               for v, _ in variants}
+    plan = {"techniques": techniques, "mode": "leave-one-out", "seeds": [0, 1, 2], "recipe_name": "fashion-mnist",
+            "target": 0.92}
+    return summarize("abl", plan, variants, records, schedule={v: 1.75 for v, _ in variants}, resamples=300)
+
+
+def test_a_technique_without_which_the_target_is_missed_is_needed_never_a_slowdown():
+    from speedrun.report.plots import waterfall_steps
+
+    result = _never_reached_without_tta(6.26)  # stopped before the full recipe's time: a bound below 1
+    effects = {e.technique: e for e in result.attribution.effects}
+    tta = effects["flip-tta"]
+    assert tta.needed and tta.speedup.kind == "lower_bound" and tta.speedup.value < 1
+    assert tta.text == "needed to reach the target (without it: best 90.9%)"
+    assert tta.to_dict()["needed"] and tta.to_dict()["speedup"]["text"] == tta.text
+    console = Console(record=True, width=200)
+    print_result(result, console)
+    text = console.export_text()
+    assert "needed to reach the target (without it: best 90.9%)" in text and ">= 0." not in text
+    assert "product of single factors (leave-one-out): not computed: flip-tta decides" in text
+    assert "the baseline misses the target (best 90.9%)" in text
+    steps = waterfall_steps(result)
+    assert [s.kind for s in steps] == ["start", "needed", "technique", "end"]  # no slowdown, no "rest" bar
+    needed = steps[1]
+    assert needed.label == "flip-tta\nneeded" and needed.top == needed.bottom and "90.9%" in needed.note
+    assert all(s.bottom <= s.top for s in steps if s.kind == "technique")
+    # a bound above 1 says more than "faster": it is kept beside the word
+    tta = {e.technique: e for e in _never_reached_without_tta(40.0).attribution.effects}["flip-tta"]
+    assert tta.text.startswith("needed to reach the target (without it: best 90.9%); >= 6.")
+
+
+def test_the_rest_of_the_waterfall_is_drawn_only_when_it_is_more_than_noise(tmp_path, monkeypatch):
+    from speedrun.report.plots import rest_of_product, waterfall_png, waterfall_steps
+
+    monkeypatch.setattr(ablate_mod, "_train", FakeTrainer({"flip": 2.0, "label-smoothing": 1.5}))
+    result = ablate("fashion-mnist", seeds=3, techniques=TWO, store=RunStore(tmp_path / "runs.sqlite"),
+                    resamples=300)  # the factors multiply to the total exactly
+    rest, why = rest_of_product(result)
+    assert rest is None and "interval includes 1" in why
+    assert "interactions" not in [s.kind for s in waterfall_steps(result)] and waterfall_png(result)

@@ -99,3 +99,51 @@ def test_cli_json_and_bad_keys(four_groups, capsys):
     with pytest.raises(ConfigError, match="unknown --by key 'gpu'; valid keys: device"):
         parse_keys("device,gpu")
     assert compare([], by=["device"]).groups == () and compare([], by=["device"]).splits == ()
+
+
+# ---------------------------------------------------------------- names and like with like (issue 22)
+
+def test_same_named_recipes_are_told_apart_by_their_values(tmp_path, capsys):
+    from speedrun.compare import recipe_labels
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    add_runs(store, FAST, CPU, jitter(200.0, 3), prefix="f4")
+    add_runs(store, {**FAST, "train": {"epochs": 3}}, CPU, jitter(150.0, 3), prefix="f3")
+    add_runs(store, SLOW, CPU, jitter(400.0, 3), prefix="s8")
+    c = compare(store.list_runs(limit=None), by=("recipe",), resamples=200)
+    assert [g.names[0] for g in c.groups] == ["fast[train.epochs=3]", "fast[train.epochs=4]", "slow"]
+    assert c.groups[0].to_dict(c.by)["shown"] == {"recipe": "fast[train.epochs=3]"} and not c.notes
+    parser = argparse.ArgumentParser(prog="speedrun")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "--by", "recipe", "--store", str(store.path)])
+    assert args.func(args) == 0
+    assert "fast[train.epochs=3]" in capsys.readouterr().out  # escaped: rich would drop a "tag"
+
+    many = [{"id": f"m{i}", "recipe_name": "m", "recipe": {"optim": {"lr": lr, "wd": i, "momentum": i, "x": i}}}
+            for i, lr in enumerate((0.1, 0.2))]
+    labels, notes = recipe_labels(many)
+    assert sorted(labels.values()) == ["m[optim.lr=0.1, optim.momentum=0, optim.wd=0, +1 more]",
+                                       "m[optim.lr=0.2, optim.momentum=1, optim.wd=1, +1 more]"]
+    assert notes[0].endswith("optim.lr=0.1, optim.momentum=0, optim.wd=0, optim.x=0")
+
+
+def test_only_runs_on_one_dataset_to_one_target_are_compared(tmp_path, capsys):
+    store = RunStore(tmp_path / "runs.sqlite")
+    add_runs(store, FAST, CPU, jitter(200.0, 3), prefix="fm")
+    add_runs(store, {**SLOW, "data": {"source": "cifar10"}}, CPU, jitter(90.0, 2), prefix="cf")
+    c = compare(store.list_runs(limit=None), by=("recipe",), resamples=200)
+    assert c.dataset == "fashion-mnist" and c.target == 0.9 and [g.key[0].split("@")[0] for g in c.groups] == ["fast"]
+    assert c.left_out == ({"dataset": "cifar10", "target": 0.9, "runs": ["cf1", "cf0"]},) and not c.splits
+    c = compare(store.list_runs(limit=None), by=("recipe",), dataset="cifar10", resamples=200)
+    assert [g.names[0] for g in c.groups] == ["slow"] and c.left_out[0]["dataset"] == "fashion-mnist"
+    parser = argparse.ArgumentParser(prog="speedrun")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "--store", str(store.path)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "runs on fashion-mnist to 90% grouped by" in out
+    assert "left out: 2 runs on cifar10 to 90%, another dataset or target (compare them with --data cifar10 " \
+           "--target 90%)" in out
+    args = parser.parse_args(["compare", "--data", "imagenet", "--store", str(store.path)])
+    with pytest.raises(ConfigError, match="no finished runs on imagenet to any target; 2 runs on cifar10 to 90%; 3 runs"):
+        args.func(args)

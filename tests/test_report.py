@@ -72,7 +72,7 @@ def test_report_page_has_leaderboard_plots_ablation_and_environments(store, tmp_
     assert "NVIDIA H100" in first and "4.5 s" in first and "$0.0045" in first  # 4.5 s at $3.6/h
     assert "0.42 ms" in board and "not measured" in board  # measured once, never invented elsewhere
     assert "not reached" in board  # the baseline keeps its row
-    assert "never reached (best" in page and "speedup [95% CI]" in page and ">= " in page
+    assert "never reached (best" in page and "speedup [95% CI]" in page and "&gt;= " in page
     envs = re.search(r'<table class="envs">(.*?)</table>', page, re.S).group(1)
     assert envs.count("<tr><td>E") == 2 and "2.13.0+cu128" in envs
     for run_id in ("cfull0", "cbase2", "gpu1", "live1"):
@@ -116,3 +116,40 @@ def test_report_renders_in_headless_chromium(store, tmp_path):
     assert image.size == (1200, 2000)
     low, high = image.getextrema()
     assert high - low > 100 and len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 16  # not blank
+
+
+def test_the_legend_covers_no_point(store):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from speedrun.report.plots import curves_figure
+
+    runs = store.list_runs(limit=None)[:8]  # early and late, high and low points: every corner is used
+    fig = curves_figure(runs)
+    FigureCanvasAgg(fig).draw()
+    (ax,) = fig.axes
+    legend = ax.get_legend().get_window_extent()
+    axes = ax.get_window_extent()
+    assert legend.y1 < axes.y0  # below the axes, clear of every point and of the x-axis label
+    assert legend.y1 < ax.xaxis.label.get_window_extent().y0 and legend.y0 >= 0
+    points = [ax.transData.transform((p["elapsed_s"], p["accuracy"])) for r in runs for p in r["curve"]]
+    assert points and not any(legend.contains(x, y) for x, y in points)
+
+
+def test_chosen_runs_bring_only_their_own_ablation_and_an_empty_board_says_so(store, tmp_path):
+    report = build_report(store, out=tmp_path / "gpu", run_ids=["gpu0", "gpu1"])
+    assert report.ablation_id is None and "no ablation" in report.path.read_text()
+    report = build_report(store, out=tmp_path / "abl", run_ids=["cfull0", "gpu0"])
+    assert report.ablation_id == "abl0000001"
+    page = build_report(RunStore(tmp_path / "empty.sqlite"), out=tmp_path / "empty").path.read_text()
+    assert "no finished runs to rank" in page
+
+
+def test_the_leaderboard_ranks_like_with_like(store, tmp_path):
+    from speedrun.report import leaderboard
+
+    other = get_recipe("cifar10-cpu")
+    _run(store, "cifar0", other, CPU, 0, 1.0)  # fastest of all, but on another dataset and target
+    board = leaderboard(store.list_runs(limit=None), {}, price_per_hour=None)
+    assert [(row["dataset"], row["rank"]) for row in board][:2] == [("fashion-mnist", 1), ("fashion-mnist", 2)]
+    assert board[-1]["dataset"] == "cifar10" and board[-1]["rank"] == 1
+    assert {row["recipe"] for row in board} >= {"fashion-mnist[baseline]", "cifar10-cpu"}

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from speedrun import data as datalib  # its names load on first use: `speedrun --help` needs no numpy
 from speedrun.argtypes import positive_int
-from speedrun.console import new_console
+from speedrun.console import escape, new_console
 from speedrun.data import DataError
 
 out = new_console(highlight=False)
@@ -84,7 +84,7 @@ def _print_info(info: dict[str, Any]) -> None:
                                 f"{', '.join(details.get('skipped_files', [])[:3])}"))
     if details.get("options"):
         rows.append(("options", ", ".join(f"{k}={v}" for k, v in details["options"].items())))
-    out.print(f"[bold]{info['name']}[/]", highlight=False)
+    out.print(f"[bold]{escape(info['name'])}[/]", highlight=False)
     for key, value in rows:
         out.print(f"  {key:<12} {value}", markup=False)
 
@@ -114,8 +114,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         directory = datalib.cache_path(_source(args, download=False))
         if not (directory / "meta.json").is_file():
+            options = "".join(f" --{name.replace('_', '-')} {value}" for name, value in
+                              (("max_size", args.max_size), ("holdout_frac", args.holdout_frac)) if value is not None)
             raise DataError(f"{args.path} is not prepared (no cache at {directory}); "
-                            f"run `speedrun data prepare {args.path}` first")
+                            f"run `speedrun data prepare {args.path}{options}` first")
     info = cache_info(directory)
     if args.json:
         print(json.dumps(info))
@@ -126,7 +128,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``data prepare`` and ``data info`` to the ``speedrun`` command's subparsers."""
-    data = subparsers.add_parser("data", help="prepare a dataset into the uint8 cache, or show what a cache holds")
+    data = subparsers.add_parser("data", help="prepare a dataset into the uint8 cache, or show a cache")
     actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
     def dataset_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except DataError as e:
-        err.print(f"[bold red]speedrun: error:[/] {e}", highlight=False)
+        err.print(f"[bold red]speedrun: error:[/] {escape(str(e))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         err.print("speedrun: interrupted")

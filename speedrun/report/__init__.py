@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from speedrun.config import ConfigError
-from speedrun.console import new_console
+from speedrun.console import new_console, plural
 from speedrun.store import RunStore, StoreError
 
 MAX_CURVES = 12  # more lines than this make the plot unreadable
@@ -59,20 +59,39 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, cls: str = 
 
 def leaderboard(runs: Sequence[Mapping[str, Any]], metrics: Mapping[str, Mapping[str, float]], *,
                 price_per_hour: float | None) -> list[dict[str, Any]]:
-    """One row per recipe x hardware x precision: median time-to-accuracy, cost, latency, framework."""
-    from speedrun.compare import group_runs
+    """One row per recipe x hardware x precision: median time-to-accuracy, cost, latency, framework.
+
+    Rows are ranked only against rows on the same dataset to the same target (the set with the most
+    runs first); recipes are named as ``speedrun compare`` names them.
+    """
+    from speedrun.compare import group_runs, like_with_like
 
     by = ("recipe", "device", "precision")
     index = {r["id"]: r for r in runs}
     rows = []
-    for rank, g in enumerate(group_runs(runs, by), 1):
+    rest = list(runs)
+    while True:
+        chosen, dataset, _, left = like_with_like(rest)
+        if not chosen:
+            break
+        rows += _leaderboard_rows(group_runs(chosen, by), index, dataset, metrics, price_per_hour)
+        left_ids = {i for x in left for i in x["runs"]}
+        rest = [r for r in rest if r["id"] in left_ids]
+    return rows
+
+
+def _leaderboard_rows(groups, index: Mapping[str, Mapping[str, Any]], dataset: str | None,
+                      metrics: Mapping[str, Mapping[str, float]], price_per_hour: float | None
+                      ) -> list[dict[str, Any]]:
+    rows = []
+    for rank, g in enumerate(groups, 1):
         members = [index[i] for i in g.run_ids]
         latencies = [metrics[i]["inference_latency_s"] for i in g.run_ids
                      if "inference_latency_s" in metrics.get(i, {})]
         reached = [t for t in g.sample.times if t is not None]
         rows.append({
-            "rank": rank if g.median_s is not None else None, "recipe": g.key[0], "hardware": g.key[1],
-            "precision": g.key[2], "target": members[0]["target"], "runs": len(members),
+            "rank": rank if g.median_s is not None else None, "recipe": g.names[0], "hardware": g.key[1],
+            "precision": g.key[2], "dataset": dataset, "target": members[0]["target"], "runs": len(members),
             "pass_rate": g.sample.pass_rate, "median_s": g.median_s,
             "min_s": min(reached, default=None), "max_s": max(reached, default=None),
             "best_accuracy": g.sample.median_best_accuracy,
@@ -99,7 +118,10 @@ def _select_runs(store: RunStore, *, run_ids: Sequence[str] | None, group: str |
     return store.list_runs(group=group, limit=None)
 
 
-def _pick_ablation(store: RunStore, *, ablation: str | None, group: str | None) -> str | None:
+def _pick_ablation(store: RunStore, *, ablation: str | None, group: str | None,
+                   runs: Sequence[Mapping[str, Any]] | None = None) -> str | None:
+    """``ablation`` if given; else ``group`` if it is one; else, for chosen ``runs``, the newest
+    ablation they belong to (none if they belong to none); else the newest ablation."""
     if ablation:
         return store.get_ablation(ablation)["id"]
     if group:
@@ -107,6 +129,13 @@ def _pick_ablation(store: RunStore, *, ablation: str | None, group: str | None) 
             return store.get_ablation(group)["id"]
         except StoreError:
             return None
+    if runs is not None:
+        for group_id in dict.fromkeys(r.get("group_id") for r in runs if r.get("group_id")):
+            try:
+                return store.get_ablation(group_id)["id"]
+            except StoreError:
+                continue
+        return None
     latest = store.list_ablations(limit=1)
     return latest[0]["id"] if latest else None
 
@@ -145,7 +174,8 @@ def build_report(store: RunStore, *, out: str | Path = "speedrun-report", run_id
 
     ``run_ids`` or ``group`` choose the runs (default: every stored run); the curves show those runs
     when chosen, else the fastest run of each of the best leaderboard rows. ``ablation`` chooses the
-    ablation (default: ``group`` when it is one, else the newest).
+    ablation (default: ``group`` when it is one; with ``run_ids``, an ablation those runs belong to;
+    else the newest).
     """
     from speedrun.ablate import load_result
     from speedrun.report.plots import curves_png, waterfall_png
@@ -170,7 +200,7 @@ def build_report(store: RunStore, *, out: str | Path = "speedrun-report", run_id
     plots: dict[str, bytes] = {}
     if chosen:
         plots["curves"] = curves_png(chosen)
-    ablation_id = _pick_ablation(store, ablation=ablation, group=group)
+    ablation_id = _pick_ablation(store, ablation=ablation, group=group, runs=runs if run_ids else None)
     result = load_result(store, ablation_id, resamples=2000) if ablation_id else None
     if result is not None:
         png = waterfall_png(result)
@@ -210,34 +240,41 @@ def _leaderboard_html(board: Sequence[Mapping[str, Any]], price: float | None) -
         mfu = na("-") if row["mfu"] is None else f"{row['mfu']:.0%}" + (
             "" if row["mfu_theoretical"] is None else f" / {row['mfu_theoretical']:.0%}")
         rows.append([str(row["rank"] or "-"), _e(row["recipe"]), _e(row["hardware"]), _e(row["precision"]),
-                     f"{row['target']:.2%}" if row["target"] else "-", median + spread, cost, latency, mfu,
+                     _e(row["dataset"] or "-"), f"{row['target']:.2%}" if row["target"] else "-", median + spread, cost,
+                     latency, mfu,
                      str(row["runs"]), f"{row['pass_rate']:.0%}", _e(row["framework"]), _e(row["threads"])])
     price_note = f" at ${price:g}/hour" if price is not None else ""
-    return ("<h2 id=leaderboard>Leaderboard</h2><p class=note>Median time-to-accuracy over each group's runs "
-            "(MLPerf clock: data loading, model creation, training and every evaluation until the target is "
+    if not board:
+        return ("<h2 id=leaderboard>Leaderboard</h2><p class=na>no finished runs to rank: a run enters the "
+                "leaderboard once it has reached its target, exhausted its budget or diverged "
+                "(<code>speedrun train</code> makes one)</p>")
+    return ("<h2 id=leaderboard>Leaderboard</h2><p class=note>Median time-to-accuracy over each group's runs, "
+            "ranked only among rows on the same dataset to the same target (MLPerf clock: data loading, model creation, training and every evaluation until the target is "
             f"first seen); cost = that time{_e(price_note)}; inference latency = median over test images run one "
             "at a time, measured by <code>speedrun ablate</code> right after training. Models are not stored, so "
             "where it was not measured then it is shown as <i>not measured</i>, never estimated. MFU = useful "
             "FLOP/s (conv zero-padding taps excluded) over the measured matmul peak / over the theoretical peak "
             "(cores x clock x FLOP per cycle, or the GPU's datasheet), medians over the runs.</p>"
-            + _table(["rank", "recipe", "hardware", "precision", "target", "time-to-accuracy (min to max)",
+            + _table(["rank", "recipe", "hardware", "precision", "dataset", "target", "time-to-accuracy (min to max)",
                       "cost", "inference latency", "MFU measured / theoretical", "runs", "pass-rate", "framework",
                       "threads"], rows,
                      cls="leaderboard", raw=True))
 
 
 def _ablation_html(result, waterfall: bytes | None) -> str:
+    from speedrun.ablate import summary_lines
+
     if result is None:
         return ("<h2 id=ablation>Ablation</h2><p class=na>no ablation in the store: "
                 "<code>speedrun ablate --recipe R --seeds 5</code> makes one</p>")
     head = (f"<h2 id=ablation>Ablation {_e(result.ablation_id)}</h2><p class=meta>{_e(result.recipe_name)} to "
-            f"{result.target:.2%}, {len(result.seeds)} seeds, {_e(result.mode)}"
+            f"{result.target:.2%}, {plural(len(result.seeds), 'seed')}, {_e(result.mode)}"
             + ("" if result.complete else " &mdash; <b>incomplete</b>") + "</p>")
     img = _img("waterfall", waterfall, "ablation waterfall from baseline to full recipe") if waterfall else \
         "<p class=na>no waterfall yet: the baseline or the full recipe has no runs</p>"
     effects = [[e.technique, "full less it" if e.mode == "leave-one-out" else "baseline plus it",
                 _s(e.median_with_s) if e.median_with_s is not None else "never reached",
-                _s(e.median_without_s) if e.median_without_s is not None else "never reached", str(e.speedup),
+                _s(e.median_without_s) if e.median_without_s is not None else "never reached", e.text,
                 "-" if e.accuracy_effect is None else f"{e.accuracy_effect * 100:+.1f} pp",
                 f"{e.pass_rate_with:.0%} / {e.pass_rate_without:.0%}"] for e in result.attribution.effects]
     variants = [[v.name, f"{v.schedule_epochs:g}", len(v.runs), f"{v.pass_rate:.0%}",
@@ -245,14 +282,8 @@ def _ablation_html(result, waterfall: bytes | None) -> str:
                  (f"never reached (best {v.best_accuracy or 0:.1%})" if v.runs else "not yet run"),
                  "-" if v.best_accuracy is None else f"{v.best_accuracy:.1%}",
                  "not measured" if v.latency_s is None else f"{v.latency_s * 1e3:.2f} ms"] for v in result.variants]
-    a = result.attribution
-    notes = []
-    if a.total is not None:
-        notes.append(f"measured total, baseline to full: {a.total}")
-    notes += [f"product of single factors ({p.mode}): {p.product}; product / total {p.product_over_total}"
-              + (" &mdash; <b>not multiplicative</b>" if p.flagged else "") for p in a.products]
-    notes += [f"interaction {_e(i.a)} x {_e(i.b)}: {i.ratio}" + (" &mdash; <b>flagged</b>" if i.flagged else "")
-              for i in a.interactions]
+    notes = [_e(line) + (" &mdash; <b>not multiplicative</b>" if flagged else "")
+             for line, flagged in summary_lines(result)]
     return (head + img + _table(["technique", "measured as", "median with", "median without", "speedup [95% CI]",
                                  "accuracy", "pass-rate with / without"], effects, cls="effects")
             + _table(["variant", "train.epochs", "runs", "pass-rate", "median time-to-accuracy", "best accuracy",
@@ -296,13 +327,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     new_console().print(
         f"wrote {report.path} ({report.runs} runs, {report.leaderboard_rows} leaderboard rows, "
         f"{len(report.plots)} plots{', ablation ' + report.ablation_id if report.ablation_id else ''}) "
-        f"in {report.seconds:.1f} s", highlight=False)
+        f"in {report.seconds:.1f} s", markup=False, highlight=False)
     return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("report", help="write an HTML report: leaderboard, accuracy curves, ablation "
-                                             "waterfall, environments")
+    p = subparsers.add_parser("report", help="write an HTML report: leaderboard, curves, ablation waterfall")
     p.add_argument("--out", default="speedrun-report", help="folder for index.html and its plots "
                                                             "(default ./speedrun-report)")
     p.add_argument("--runs", nargs="+", metavar="RUN_ID", help="only these runs (their curves are plotted)")

@@ -75,7 +75,7 @@ class TrainResult:
     train_time_s: float  # total less evaluations
     eval_time_s: float
     prepare_s: float  # one-time dataset preparation, outside the clock (0 when cached)
-    best_accuracy: float
+    best_accuracy: float | None  # None: no evaluation happened (e.g. a time budget ran out first)
     final_accuracy: float | None
     epochs: float
     steps: int
@@ -437,7 +437,7 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, tota
         run_id=run_id, recipe=recipe, seed=seed, target=recipe.target, outcome=outcome, detail=detail,
         time_to_accuracy_s=evaluator.reached_at if evaluator and outcome == "reached" else None,
         total_time_s=total, train_time_s=train_s, eval_time_s=clock.eval_s, prepare_s=prepared.prepare_s,
-        best_accuracy=evaluator.best_accuracy if evaluator else 0.0,
+        best_accuracy=evaluator.best_accuracy if evaluator and evaluator.curve else None,
         final_accuracy=curve[-1].accuracy if curve else None,
         epochs=state.epoch_float if state else 0.0, steps=state.step if state else 0, images_seen=images_seen,
         images_per_s=ips, flops_per_image=flops, flops_per_s=flops * ips, peak_flops=peak,
