@@ -270,10 +270,9 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- recipes, runs, show
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from speedrun.recipes import RECIPES, get_recipe
+    from speedrun.recipes import RECIPES, get_recipe, load_toml
 
     if args.name:
-        from speedrun.config import load_toml
         from speedrun.techniques.registry import enabled_techniques
 
         # A .toml file resolves against its base, as `train --recipe my.toml` does.
