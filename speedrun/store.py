@@ -216,8 +216,7 @@ class RunStore:
     def find_group(self, group_id: str) -> str | None:
         """The group id (a multi-seed train or an ablation) that starts with ``group_id``; None when no
         run has one, StoreError when several do."""
-        rows = self._db.execute("SELECT DISTINCT group_id FROM runs WHERE group_id LIKE ? LIMIT 2",
-                                (group_id + "%",)).fetchall()
+        rows = self._read("SELECT DISTINCT group_id FROM runs WHERE group_id LIKE ? LIMIT 2", (group_id + "%",))
         if len(rows) > 1:
             raise StoreError(f"group id prefix {group_id!r} is ambiguous; give more characters")
         return rows[0][0] if rows else None
