@@ -35,13 +35,15 @@ if ! "$VENV/bin/python" -c "import speedrun, pytest" 2>/dev/null \
   touch "$VENV/.speedrun-installed"
 fi
 
-# Debian packages: the Fashion-MNIST files, and Chromium for the report's headless-browser test.
+# Debian packages: the Fashion-MNIST files, Chromium for the report's headless-browser test, and
+# PostgreSQL for `speedrun tune --storage postgresql://` (its test starts a server of its own on loopback).
 APT=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || APT+=(dataset-fashion-mnist)
 command -v chromium >/dev/null 2>&1 || APT+=(chromium)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || APT+=(postgresql)
 if [ ${#APT[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "setup: installing Debian packages: ${APT[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT[@]}" >/dev/null; } \
-    || echo "setup: could not install ${APT[*]}; Fashion-MNIST will be downloaded, the browser test skipped"
+    || echo "setup: could not install ${APT[*]}; Fashion-MNIST will be downloaded, the browser and PostgreSQL tests skipped"
 fi

@@ -67,6 +67,12 @@ def _print_result(r) -> None:
                          + (" (cached)" if r.prepare_s == 0 else "")),
         ("device", f"{r.device}, {_threads(r.env)}, {r.env.get('precision')}, torch {r.torch_version}"),
     ]
+    if r.val_accuracy is not None:  # a run with a validation split: both splits, the judged one marked
+        judged = r.recipe.eval.split
+        rows.insert(1, ("final accuracy", " · ".join(
+            f"{split} {'-' if acc is None else f'{acc:.2%}'}" + (" (judged)" if split == judged else "")
+            for split, acc in (("val", r.val_accuracy), ("test", r.test_accuracy)))
+            + f"  (val: {r.env['val_split']['val_images']:,} held-out training images)"))
     for name, value in rows:
         out.print(f"  {name:<17} {value}", markup=False, highlight=False)
 
@@ -120,7 +126,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from speedrun.train.run import Budget, resolve_recipe, train
 
     # Check everything that can be checked before any training starts.
-    recipe = resolve_recipe(args.recipe).override(parse_sets(args.set))
+    sets = parse_sets(args.set)
+    if args.val_frac is not None:
+        sets["data.val_frac"] = args.val_frac
+    recipe = resolve_recipe(args.recipe).override(sets)
     Budget.parse(args.budget)
     if args.save:
         _check_writable(args.save)
@@ -474,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take these catalog techniques out of the recipe (see speedrun techniques)")
     t.add_argument("--target", type=target_fraction, help="held-out accuracy to reach, in (0, 1] or as 92%%")
     t.add_argument("--budget", help="give up after this long: seconds (90, 90s, 2m) or epochs (3ep)")
+    t.add_argument("--val-frac", type=float, metavar="FRAC",
+                   help="hold this fraction of the training split out as a validation split (data.val_frac; "
+                        "judge the target on it with --set eval.split=val)")
     t.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     t.add_argument("--seeds", type=positive_int, default=1, help="number of seeds to run (default 1)")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -538,8 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.add_parser(sub)
     inference_cli.add_parsers(sub)
     from speedrun import ablate, compare, report
+    from speedrun.tune import cli as tune_cli
 
     ablate.add_parser(sub)
+    tune_cli.add_parser(sub)
     compare.add_parser(sub)
     report.add_parser(sub)
     return parser

@@ -54,6 +54,9 @@ class DataConfig:
     # resident: the uint8 set lives on the device; stream: it stays memory-mapped on the host and batches
     # are read ahead by a thread; auto: resident when it takes at most half the device's free memory.
     loader: Literal["auto", "resident", "stream"] = "auto"
+    # Hold this fraction of the training split out as a validation split (stratified, the same images
+    # for every seed: speedrun.data.split); it then trains on the rest. 0: no validation split.
+    val_frac: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,9 @@ class EvalConfig:
     batch_size: int = 1024
     tta_flip: bool = False  # average the logits of each image and its mirror
     tta_translate_px: int = 0  # also average over copies shifted by +-(N, N) pixels (reflect padding)
+    # The split the target is judged on: test, or val (the hold-out of data.val_frac). A run with a
+    # validation split reports both accuracies at the end (speedrun tune judges its trials on val).
+    split: Literal["test", "val"] = "test"
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,9 @@ def validate(recipe: Recipe) -> None:
         (recipe.data.mixup_alpha >= 0 and recipe.data.cutmix_alpha >= 0 and 0 <= recipe.data.mix_prob <= 1,
          "data.mixup_alpha and data.cutmix_alpha must be >= 0 and data.mix_prob in [0, 1]"),
         (recipe.eval.tta_translate_px >= 0, "eval.tta_translate_px must be >= 0"),
+        (0.0 <= recipe.data.val_frac <= 0.5, "data.val_frac must be in [0, 0.5] (0: no validation split)"),
+        (recipe.eval.split == "test" or recipe.data.val_frac > 0,
+         "eval.split=val needs a validation split: set data.val_frac (e.g. 0.1)"),
         (recipe.average.every >= 1 and 0 <= recipe.average.decay < 1,
          "average.every must be >= 1 and average.decay in [0, 1)"),
         (recipe.model.bn_momentum is None or 0.0 <= recipe.model.bn_momentum <= 1.0,

@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS run_metrics (
 );
 """
 
-OUTCOMES = ("running", "reached", "budget_exhausted", "diverged", "interrupted", "failed", "lost")
+OUTCOMES = ("running", "reached", "budget_exhausted", "diverged", "pruned", "interrupted", "failed", "lost")
 _ADDED_COLUMNS = {"runs": {"pid": "INTEGER", "host": "TEXT"}}  # columns newer than the first schema
 
 

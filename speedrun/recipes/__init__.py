@@ -1,9 +1,10 @@
 """Built-in recipes: frozen records naming a function that returns a Recipe."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from speedrun.config import ConfigError, Recipe, read_toml
 from speedrun.recipes import cifar10, fashion_mnist, imagenet
@@ -49,3 +50,38 @@ def load_toml(path: str | Path) -> Recipe:
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base must be a recipe name; got {base!r}")
     return get_recipe(base).override(values)
+
+
+def dump_toml(recipe: Recipe, *, base: str = "fashion-mnist", header: Sequence[str] = ()) -> str:
+    """``recipe`` as TOML that ``load_toml`` reads back as the same recipe: ``base = "name"`` and every
+    value that differs from that built-in recipe (``header`` lines become comments at the top).
+
+    >>> dump_toml(get_recipe("fashion-mnist").override({"train.epochs": 2.0})).splitlines()[-2:]
+    ['[train]', 'epochs = 2.0']
+    """
+    ref = get_recipe(base).to_dict()
+    lines = [f"# {line}" for line in header]
+    lines.append(f"base = {_toml_value(base)}")
+    sections = []
+    for key, value in recipe.to_dict().items():
+        if key == "name":
+            continue  # load_toml names the recipe after its file
+        if isinstance(value, dict):
+            changed = [f"{k} = {_toml_value(v)}" for k, v in value.items() if ref[key].get(k) != v]
+            if changed:
+                sections += ["", f"[{key}]", *changed]
+        elif ref.get(key) != value:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines + sections) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if value is None:
+        return '"none"'  # the recipe's optional numbers read "none" as None
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # a TOML basic string: JSON's escapes are TOML's

@@ -15,7 +15,8 @@ def cifar10_94() -> Recipe:
     return Recipe(
         name="cifar10-94",
         description="airbench94 (GPU): whitened stem, 64/256/256 conv groups, Nesterov SGD, lookahead, "
-                    "alternating flip, flip-TTA; 9.9 epochs",
+                    "alternating flip, flip-TTA; 9.9 epochs, chosen on the CIFAR-10 test split by airbench's authors "
+                    "(their published schedule, not re-tuned here)",
         target=0.94,
         data=DataConfig(source="cifar10", flip=True, alternating_flip=True, translate_px=2),
         # The whitening bias trains for the first 3 of the 9.9 epochs only, as in airbench94.
@@ -49,7 +50,7 @@ def cifar10_cpu() -> Recipe:
         "name": "cifar10-cpu",
         "description": "airbench-style net at 32/64/128 widths for a 2-core CPU: frozen whitened stem, dirac "
                        "init, Muon filters + Nesterov SGD, lookahead, alternating flip, translate, flip-TTA; "
-                       "5.5 epochs",
+                       "5.5 epochs, chosen on the test split with seeds 0-2 by hand (no validation split)",
         "target": 0.85,
         "model.widths": (32, 64, 128),
         "model.stem_train_frac": 0.0,

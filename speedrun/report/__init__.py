@@ -178,7 +178,7 @@ def build_report(store: RunStore, *, out: str | Path = "speedrun-report", run_id
     else the newest).
     """
     from speedrun.ablate import load_result
-    from speedrun.report.plots import curves_png, waterfall_png
+    from speedrun.report.plots import curves_png, study_png, waterfall_png
 
     start = time.perf_counter()
     if price_per_hour is not None and price_per_hour < 0:
@@ -190,7 +190,10 @@ def build_report(store: RunStore, *, out: str | Path = "speedrun-report", run_id
         raise ConfigError(f"cannot write the report to {out}: {e}") from None
     runs = _select_runs(store, run_ids=run_ids, group=group)
     metrics = store.metrics([r["id"] for r in runs])
-    board = leaderboard(runs, metrics, price_per_hour=price_per_hour)
+    # A tuning study's search trials (each its own recipe, judged on validation) are plotted as the study's,
+    # not ranked: its confirmation and test runs are.
+    board = leaderboard([r for r in runs if metrics.get(r["id"], {}).get("tune_role") != 0.0], metrics,
+                        price_per_hour=price_per_hour)
     index = {r["id"]: r for r in runs}
 
     if run_ids or group:
@@ -206,6 +209,9 @@ def build_report(store: RunStore, *, out: str | Path = "speedrun-report", run_id
         png = waterfall_png(result)
         if png:
             plots["waterfall"] = png
+    studies = _studies(runs, metrics)
+    for name, trials in studies.items():
+        plots[f"study-{_slug(name)}"] = study_png(trials, title=f"study {name}: {len(trials)} trials")
     files = []
     for name, png in plots.items():
         (out / f"{name}.png").write_bytes(png)
@@ -218,6 +224,12 @@ def build_report(store: RunStore, *, out: str | Path = "speedrun-report", run_id
     parts.append(_img("curves", plots["curves"], "held-out accuracy against clock time") if "curves" in plots
                  else "<p class=na>no runs to plot</p>")
     parts.append(_ablation_html(result, plots.get("waterfall")))
+    if studies:
+        parts.append("<h2 id=studies>Tuning studies</h2><p class=note>speedrun tune: each search trial's "
+                     "time-to-target on its validation split, the best so far, and trials that missed or were "
+                     "pruned (on top). <code>speedrun tune show STUDY</code> has its parameters and importances.</p>")
+        parts += [_img(f"study-{_slug(name)}", plots[f"study-{_slug(name)}"], f"tuning study {name}")
+                  for name in studies]
     parts.append(_environment_html(runs))
     page = ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>speedrun report</title>"
             "<link rel=icon href=\"data:,\"><meta name=viewport content=\"width=device-width\">"
@@ -225,6 +237,20 @@ def build_report(store: RunStore, *, out: str | Path = "speedrun-report", run_id
     path = out / "index.html"
     path.write_text(page, encoding="utf-8")
     return Report(path, tuple(files), len(runs), len(board), ablation_id, time.perf_counter() - start)
+
+
+def _studies(runs: Sequence[Mapping[str, Any]], metrics: Mapping[str, Mapping[str, float]]
+             ) -> dict[str, list[Mapping[str, Any]]]:
+    """The search trials of each tuning study among ``runs`` (tagged by speedrun tune), oldest first."""
+    found: dict[str, list[Mapping[str, Any]]] = {}
+    for run in sorted(runs, key=lambda r: r["created_at"]):
+        if metrics.get(run["id"], {}).get("tune_role") == 0.0 and run.get("group_id"):
+            found.setdefault(run["group_id"], []).append(run)
+    return found
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:60]
 
 
 def _leaderboard_html(board: Sequence[Mapping[str, Any]], price: float | None) -> str:

@@ -196,3 +196,38 @@ def waterfall_png(result: AblationResult) -> bytes | None:
     if why_not:
         fig.text(0.5, 0.03, why_not, ha="center", va="bottom", fontsize=7, color="0.3")
     return _png(fig)
+
+
+def study_png(trials: Sequence[Mapping[str, Any]], *, title: str = "") -> bytes:
+    """A tuning study's search: each trial's validation time-to-target against when it started (minutes
+    into the study), the best so far as a step line, trials that missed or were pruned marked on top."""
+    from datetime import datetime
+
+    fig = Figure(figsize=(9, 4), dpi=DPI)
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.9, bottom=0.13)
+    ax = fig.add_subplot()
+    starts = [datetime.fromisoformat(t["created_at"]).timestamp() for t in trials]
+    t0 = min(starts, default=0.0)
+    hits = [((s - t0) / 60, t["time_to_accuracy_s"]) for s, t in zip(starts, trials) if t["outcome"] == "reached"]
+    top = max((h for _, h in hits), default=1.0) * 1.15
+    others = [((s - t0) / 60, t["outcome"]) for s, t in zip(starts, trials) if t["outcome"] != "reached"]
+    if hits:
+        ax.plot(*zip(*hits), "o", ms=5, label="reached (time-to-target on val)")
+        best, xs, ys = math.inf, [], []
+        for x, y in sorted(hits):
+            best = min(best, y)
+            xs.append(x)
+            ys.append(best)
+        ax.step(xs, ys, where="post", lw=1.5, label="best so far")
+    for outcome, marker in (("pruned", "x"), ("budget_exhausted", "v"), ("diverged", "^"), ("failed", "s"),
+                            ("lost", "d")):
+        xs = [x for x, o in others if o == outcome]
+        if xs:
+            ax.plot(xs, [top] * len(xs), marker, ls="none", label=outcome.replace("_", " "))
+    ax.set_xlabel("minutes into the study (trial start)")
+    ax.set_ylabel("seconds to target")
+    ax.set_ylim(0, top * 1.08)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _png(fig)

@@ -69,6 +69,7 @@ class Evaluator:
 
     def before_fit(self, state: FitState) -> None:
         self._last_step = state.schedule_step
+        state.extras["clock"] = self.clock  # the run's clock, for hooks that judge elapsed time (speedrun tune)
 
     def after_loss(self, state: FitState) -> None:
         self._loss_sum = self._loss_sum + state.loss.detach().float()  # no device sync
@@ -104,6 +105,7 @@ class Evaluator:
                 self.on_point(point)
         self.best_accuracy = max(self.best_accuracy, accuracy)
         state.extras["last_accuracy"] = accuracy
+        state.extras["last_point"] = point
         if self.target is not None and accuracy >= self.target:
             self.reached_at = elapsed
             raise StopFit("reached", f"{accuracy:.2%} >= {self.target:.2%} at epoch {state.epoch_float:.2f}")

@@ -10,11 +10,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from speedrun import data as datalib
 from speedrun.config import ConfigError, Recipe
+from speedrun.data.split import Holdout, holdout
 from speedrun.env import compile_problem, environment, resolve_precision
 from speedrun.inference import Classifier
 from speedrun.measure.clock import Clock
@@ -26,7 +28,7 @@ from speedrun.techniques import registry
 from speedrun.techniques.optimizers import build_optimizer
 from speedrun.techniques.schedules import LRSchedule
 from speedrun.train.assembly import Assembly
-from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget
+from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget, evaluate
 from speedrun.train.loop import FitState, fit
 
 # Fit-hook positions of the trainer's own hooks, among the techniques' (speedrun.techniques.registry).
@@ -97,6 +99,11 @@ class TrainResult:
     model: nn.Module | None = field(default=None, repr=False)  # the trained network, in eval mode
     classifier: Classifier | None = field(default=None, repr=False)  # the model with its data's conventions
     store_error: str | None = None  # set when the run could not be recorded
+    # With a validation split (data.val_frac): the final model's accuracy on each split, measured after
+    # the clock stopped (the judged split's is its last evaluation when that was of the final model).
+    # test_accuracy is None when the run may not read the test split (speedrun tune's trials).
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None
 
     @property
     def reached(self) -> bool:
@@ -160,7 +167,7 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
           target: float | None = None, seed: int = 0, budget: str | float | Budget | None = None,
           device: str = "auto", threads: int | None = None, store: RunStore | str | Path | bool | None = True,
           progress: bool = False, stop_at_target: bool = True, group_id: str | None = None,
-          without: Sequence[str] = (), hooks: Sequence[object] = (),
+          without: Sequence[str] = (), hooks: Sequence[object] = (), read_test: bool = True,
           overrides: Mapping[str, Any] | None = None, **kw_overrides: Any) -> TrainResult:
     """Train ``recipe`` until held-out accuracy reaches ``target`` (default: the recipe's), and time it.
 
@@ -169,6 +176,8 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     (trained in place, from its own initialisation: the seed then sets data order and augmentation).
     ``without`` names catalog techniques to take out of the recipe; ``hooks`` are fit hooks of your
     own (objects with methods named after the loop's events), run after the techniques' hooks.
+    ``read_test=False`` keeps the test split unread (a search judging on ``eval.split=val``): no test
+    accuracy is reported then.
     Overrides are dotted keys (``{"optim.lr": 1.0}``) or keywords with ``__`` for the dot
     (``train__epochs=3``). The run is recorded in ``store`` (the default store, a path, a RunStore,
     or None); a store that cannot be written raises StoreError before training starts.
@@ -204,9 +213,12 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     folder_options = {"max_size": recipe.data.max_size} if recipe.data.max_size else {}
     source = datalib.resolve(recipe.data.source, **folder_options)
     prepared = datalib.prepare(source)
-    check_run(recipe, datalib.load_prepared(prepared.directory, mmap=True), source_model)
+    mapped = datalib.load_prepared(prepared.directory, mmap=True)
+    check_run(recipe, mapped, source_model)
 
     env = {**environment(dev), "precision": precision}
+    if recipe.data.val_frac:  # recorded when the run starts: the same rows for every seed (speedrun.data.split)
+        env["val_split"] = holdout(mapped.train_labels, recipe.data.val_frac).describe()
     run_store = _store_for(store)
     run_id = new_run_id()
     if run_store:
@@ -225,7 +237,8 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     importlib.import_module("torch._dynamo")
     clock.start()  # MLPerf: before the dataset is touched
     try:
-        parts = build_parts(recipe, prepared.directory, dev, precision, seed, model=source_model)
+        parts = build_parts(recipe, prepared.directory, dev, precision, seed, model=source_model,
+                            read_test=read_test)
         state, evaluator = _fit(recipe, parts, dev, budget, clock, progress, stop_at_target, on_point, hooks)
     except KeyboardInterrupt:
         error = "interrupted before training started"
@@ -254,6 +267,8 @@ def check_run(recipe: Recipe, images: datalib.ImageSet, model: Callable[..., nn.
     is still built inside the clock; a user's module is checked as it is.
     """
     n = len(images.train_labels)
+    if recipe.data.val_frac:
+        n = len(holdout(images.train_labels, recipe.data.val_frac).train_rows)
     if recipe.train.batch_size > n:
         raise ConfigError(f"train.batch_size {recipe.train.batch_size} exceeds the {n:,} training images; "
                           f"set --set train.batch_size={min(n, 256)} or smaller")
@@ -281,33 +296,58 @@ def _point_recorder(store: RunStore, run_id: str) -> Callable[[EvalPoint], None]
     return record
 
 
-def build_loaders(recipe: Recipe, directory: Path, dev: torch.device, seed: int):
-    """``(images, train_loader, test_loader, kind)`` for a prepared cache, as ``train`` uses them.
+@dataclass
+class Loaders:
+    """What ``build_loaders`` makes of a prepared cache."""
 
-    ``kind`` is what ``data.loader`` resolved to; ``images`` holds memory maps when it is ``stream``.
+    images: datalib.ImageSet  # memory maps: the loaders hold their own copies (or read the maps: stream)
+    train: datalib.ResidentLoader  # the training split, less the hold-out when data.val_frac > 0
+    test: datalib.ResidentLoader | None  # None when the test split must not be read (read_test=False)
+    val: datalib.ResidentLoader | None  # the hold-out, when data.val_frac > 0
+    kind: str  # what data.loader resolved to: resident or stream
+    holdout: Holdout | None
+
+
+def build_loaders(recipe: Recipe, directory: Path, dev: torch.device, seed: int, *,
+                  read_test: bool = True) -> Loaders:
+    """The train, test and validation loaders of a prepared cache, as ``train`` uses them.
+
+    With ``data.val_frac`` the training arrays are split (``speedrun.data.split``: stratified, the same
+    rows for every seed) into what trains and what validates. With ``read_test=False`` (a search) no
+    test pixel or label is read from the cache.
     """
     images = datalib.load_prepared(directory, mmap=True)  # reads no pixels yet
     kind = datalib.choose_loader(recipe.data.loader, images.nbytes, dev)
     if kind == "stream" and recipe.data.resize_scale_batch:
         raise ConfigError("data.resize_scale_batch needs the resident loader (the stream loader reads batches "
                           "ahead at a fixed size); the dataset does not fit in memory, or data.loader=stream")
+    if kind == "stream" and recipe.data.val_frac:
+        raise ConfigError("data.val_frac needs the resident loader (the stream loader reads the training arrays "
+                          "in place); the dataset does not fit in memory, or data.loader=stream")
+    if not read_test and recipe.eval.split == "test":
+        raise ConfigError("this run may not read the test split, but its target is judged on it (eval.split=test)")
     if kind == "stream":
         make_loader = functools.partial(datalib.StreamLoader, device=dev)
     else:
-        images = datalib.load_prepared(directory)
-
-        def make_loader(x, y, **options):
+        def make_loader(x, y, **options):  # read the maps (or take the rows already gathered) into memory
+            x, y = (a if type(a) is np.ndarray else np.array(a) for a in (x, y))
             return datalib.ResidentLoader(torch.as_tensor(x, device=dev), torch.as_tensor(y, device=dev), **options)
+    held = holdout(images.train_labels, recipe.data.val_frac) if recipe.data.val_frac else None
+    train_x, train_y = images.train_images, images.train_labels
+    if held is not None:  # rows in file order: a sequential read of the maps
+        train_x, train_y = train_x[held.train_rows], train_y[held.train_rows]
     common = dict(mean=images.mean, std=images.std, channels_last=recipe.train.channels_last)
     train_loader = make_loader(
-        images.train_images, images.train_labels, batch_size=recipe.train.batch_size,
+        train_x, train_y, batch_size=recipe.train.batch_size,
         train=True, seed=seed, flip=recipe.data.flip, alternating_flip=recipe.data.alternating_flip,
         translate_px=recipe.data.translate_px, cutout_px=recipe.data.cutout_px,
         rrc_scale=recipe.data.rrc_scale or None, rrc_ratio=recipe.data.rrc_ratio, **common)
-    # Every rank evaluates the whole test set: the evaluator does not all-reduce its counts.
-    test_loader = make_loader(images.test_images, images.test_labels, batch_size=recipe.eval.batch_size,
-                              train=False, rank=0, world_size=1, **common)
-    return images, train_loader, test_loader, kind
+    # Every rank evaluates the whole split: the evaluator does not all-reduce its counts.
+    evaluation = dict(batch_size=recipe.eval.batch_size, train=False, rank=0, world_size=1, **common)
+    test_loader = make_loader(images.test_images, images.test_labels, **evaluation) if read_test else None
+    val_loader = None if held is None else make_loader(images.train_images[held.val_rows],
+                                                       images.train_labels[held.val_rows], **evaluation)
+    return Loaders(images, train_loader, test_loader, val_loader, kind, held)
 
 
 @dataclass
@@ -317,7 +357,7 @@ class Parts:
     images: datalib.ImageSet  # memory maps when the loaders stream
     loader_kind: str  # what data.loader resolved to: resident or stream
     train_loader: datalib.ResidentLoader
-    test_loader: datalib.ResidentLoader
+    test_loader: datalib.ResidentLoader | None  # None when the test split may not be read
     model: nn.Module  # the plain module (its weights, its FLOPs)
     net: nn.Module  # what the loop calls: ``model`` itself or its torch.compile wrapper
     optimizer: torch.optim.Optimizer
@@ -325,10 +365,15 @@ class Parts:
     grad_scaler: torch.amp.GradScaler | None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     hooks: list[tuple[int, object]]  # the techniques' fit hooks, with their order
+    val_loader: datalib.ResidentLoader | None = None  # the hold-out of data.val_frac
+    holdout: Holdout | None = None
+
+    def eval_loader(self, split: str) -> datalib.ResidentLoader | None:
+        return self.val_loader if split == "val" else self.test_loader
 
 
 def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: str, seed: int, *,
-                model: Callable[..., nn.Module] | nn.Module | None = None) -> Parts:
+                model: Callable[..., nn.Module] | nn.Module | None = None, read_test: bool = True) -> Parts:
     """Loaders, model, optimizer, autocast, loss and technique hooks of ``recipe`` on ``dev``; seeds the
     global RNG first (model initialisation). ``model``: a factory or a module in place of the recipe's.
 
@@ -336,7 +381,8 @@ def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: s
     the optimizer collects its parameters, then to the rest once the optimizer exists.
     """
     torch.manual_seed(seed)
-    images, train_loader, test_loader, loader_kind = build_loaders(recipe, directory, dev, seed)
+    loaders = build_loaders(recipe, directory, dev, seed, read_test=read_test)
+    images, train_loader = loaders.images, loaders.train
     dims = dict(in_channels=images.channels, num_classes=images.num_classes, image_size=images.image_size)
     net = model if isinstance(model, nn.Module) else build_model(recipe.model, factory=model, **dims)
     asm = Assembly(recipe=recipe, device=dev, precision=precision, seed=seed, num_classes=images.num_classes,
@@ -345,9 +391,10 @@ def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: s
     asm.optimizer = build_optimizer(asm.model, recipe)
     asm.net = asm.model
     registry.assemble(asm, "train")
-    return Parts(images=images, loader_kind=loader_kind, train_loader=train_loader, test_loader=test_loader,
+    return Parts(images=images, loader_kind=loaders.kind, train_loader=train_loader, test_loader=loaders.test,
                  model=asm.model, net=asm.net, optimizer=asm.optimizer, autocast=asm.autocast,
-                 grad_scaler=asm.grad_scaler, loss_fn=asm.loss_fn, hooks=asm.hooks)
+                 grad_scaler=asm.grad_scaler, loss_fn=asm.loss_fn, hooks=asm.hooks, val_loader=loaders.val,
+                 holdout=loaders.holdout)
 
 
 def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock: Clock, progress: bool,
@@ -362,7 +409,7 @@ def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock:
                      step_images=recipe.train.batch_size,  # the schedule counts images
                      extras={"loader": parts.loader_kind})
     ev = recipe.eval
-    evaluator = Evaluator(parts.test_loader, clock=clock, target=recipe.target if stop_at_target else None,
+    evaluator = Evaluator(parts.eval_loader(ev.split), clock=clock, target=recipe.target if stop_at_target else None,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
                           every_s=ev.every_s, start_step=math.ceil(ev.start_frac * schedule_steps),
                           tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px, on_point=on_point)
@@ -374,7 +421,7 @@ def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock:
     if progress:
         hooks.append((ORDER_PROGRESS, ProgressBar(clock)))
     fit(state, [h for _, h in sorted(hooks, key=lambda pair: pair[0])])  # stable: equal orders keep their order
-    state.extras["example"] = next(parts.test_loader.epoch(0))[0][:2]
+    state.extras["example"] = next(evaluator.loader.epoch(0))[0][:2]
     return state, evaluator
 
 
@@ -433,6 +480,8 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, tota
                                                                "dataset": images.name, "outcome": outcome,
                                                                "accuracy": curve[-1].accuracy if curve else None})
     ips = images_seen / train_s if train_s > 0 else 0.0
+    stopped = outcome in ("failed", "interrupted")
+    split_accuracy = {} if stopped else _split_accuracies(recipe, parts, state, curve)
     return TrainResult(
         run_id=run_id, recipe=recipe, seed=seed, target=recipe.target, outcome=outcome, detail=detail,
         time_to_accuracy_s=evaluator.reached_at if evaluator and outcome == "reached" else None,
@@ -445,4 +494,23 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, tota
         theoretical_peak_flops=theory.flops if theory else None, theoretical_peak=theory.how if theory else "",
         mfu_theoretical=useful * ips / theory.flops if theory else None,
         device=env["device_name"], torch_version=torch.__version__,
-        env=env, curve=curve, model=model, classifier=classifier)
+        env=env, curve=curve, model=model, classifier=classifier, val_accuracy=split_accuracy.get("val"),
+        test_accuracy=split_accuracy.get("test"))
+
+
+def _split_accuracies(recipe: Recipe, parts: Parts | None, state: FitState | None,
+                      curve: list[EvalPoint]) -> dict[str, float]:
+    """With a validation split, the final model's accuracy on val and on test (when it may be read),
+    after the clock: the judged split's last point is reused when it was taken at the last step."""
+    if parts is None or state is None or parts.val_loader is None:
+        return {}
+    model = state.model if state.eval_model is None else state.eval_model
+    found = {}
+    for split in ("val", "test"):
+        loader = parts.eval_loader(split)
+        if split == recipe.eval.split and curve and curve[-1].step == state.step:
+            found[split] = curve[-1].accuracy
+        elif loader is not None:
+            found[split] = evaluate(model, loader, tta_flip=recipe.eval.tta_flip,
+                                    tta_translate_px=recipe.eval.tta_translate_px, autocast=state.autocast)[0]
+    return found
