@@ -3,6 +3,7 @@ phases end to end, the TOML written, bad input, workers on the journal file, res
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -319,8 +320,11 @@ def test_tune_searches_confirms_tests_once_and_writes_a_recipe_train_runs(synthe
     report = build_report(store, out=tmp_path / "report")
     page = report.path.read_text()
     assert "Tuning studies" in page and 'id="plot-study-s1"' in page
-    assert not any("s1#" in row for row in page.split("id=leaderboard")[1].split("id=curves")[0].split("<tr>")
-                   if "val" in row)  # search trials are not ranked
+    # Search trials are not ranked: a study's rows hold its one confirmation run or its one test run only
+    # (a search trial of the same configuration would make a row of 2 runs).
+    board = page.split("id=leaderboard")[1].split("id=curves")[0]
+    study_rows = [re.findall(r"<td>(.*?)</td>", row) for row in board.split("<tr>") if "s1#" in row]
+    assert study_rows and all(cells[10] == "1" for cells in study_rows), study_rows
 
 
 def test_a_study_name_with_another_target_or_recipe_is_refused_and_nothing_written(

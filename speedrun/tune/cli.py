@@ -123,8 +123,10 @@ def _fmt(v: Any) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("tune", help="search hyperparameters for the shortest time to a validation target "
-                                           "(Optuna), confirm on fresh seeds, test once, write a TOML recipe")
+    p = subparsers.add_parser("tune", help="Bayesian search for the fastest recipe to a target",
+                              description="Search hyperparameters (Optuna) for the shortest time to a validation "
+                                          "target, confirm the best on fresh seeds, test the winner once, and write "
+                                          "it as a TOML recipe.")
     p.add_argument("--recipe", default="fashion-mnist", help="built-in recipe name or a .toml file")
     p.add_argument("--data", help="dataset: a built-in name or a path (default: the recipe's)")
     p.add_argument("--target", type=target_fraction, help="validation accuracy to reach (default: the recipe's)")
