@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import speedrun
+from speedrun import data as datalib
 from speedrun.config import ConfigError, validate
 from speedrun.measure import flops
 from speedrun.models import build_model
@@ -110,7 +111,10 @@ def test_sized_recipe_trains_well_above_chance(tmp_path, monkeypatch):
     train_x, train_y = synthetic_images(1024, classes=4, size=12, seed=0)
     test_x, test_y = synthetic_images(256, classes=4, size=12, seed=1)
     data = write_idx_dataset(tmp_path / "gratings", train_x, train_y, test_x, test_y)
-    recipe = sized_recipe(channels=1, image_size=(12, 12), train_images=1024, num_classes=4, test_images=256)
+    images = datalib.load_prepared(datalib.prepare(datalib.resolve(data)).directory, mmap=True)
+    recipe = sized.sized_for(images, source=str(data))
+    assert recipe == sized_recipe(channels=1, image_size=(12, 12), train_images=1024, num_classes=4, test_images=256,
+                                  source=str(data))
     short = 40 / (1024 // recipe.train.batch_size)
     threads = torch.get_num_threads()
     try:  # one thread: on a busy 2-core machine two OpenMP threads spend most of a step waiting for each other

@@ -158,3 +158,15 @@ def sized_recipe(*, channels: int, image_size: tuple[int, int], train_images: in
     )
     validate(recipe)
     return recipe
+
+
+def sized_for(images, *, source: str = "") -> Recipe:
+    """``sized_recipe`` for a prepared set (``speedrun.data.ImageSet``; memory-mapped is enough, no pixel is read).
+
+    >>> from speedrun import data
+    >>> images = data.load_prepared(data.prepare(data.resolve(path)).directory, mmap=True)  # doctest: +SKIP
+    >>> sized_for(images, source=path).train.batch_size  # doctest: +SKIP
+    """
+    return sized_recipe(channels=images.channels, image_size=tuple(images.image_size),
+                        train_images=len(images.train_labels), num_classes=images.num_classes,
+                        test_images=len(images.test_labels), source=source)
