@@ -75,7 +75,7 @@ class Fixture:
 
 
 # Sized to the compute of a shared 2-core CPU: the default and its 5x schedule of every fixture in ~1 h of
-# a quiet machine (2.5 h at a load average of 7-14, three processes of one thread).
+# a quiet machine (it took ~1.8 h at a load average of 6-14, two or three one-thread processes).
 # The rule (speedrun/recipes/sized.py) was chosen on the -val twins of the first four (seed 100); the
 # last three were not looked at before the reported runs.
 FIXTURES = (
