@@ -53,6 +53,13 @@ def _print_result(r) -> None:
                          + (" (cached)" if r.prepare_s == 0 else "")),
         ("device", f"{r.device}, {r.env.get('threads')} threads, {r.env.get('precision')}, torch {r.torch_version}"),
     ]
+    if r.resumes:
+        rows.insert(2, ("resumed", f"{r.resumes} time(s) from a checkpoint; the clock carries the time before, "
+                                   "not the dead time between"))
+    if r.checkpoints_written or r.checkpoint_error:
+        rows.insert(2, ("checkpoints", f"{r.checkpoints_written} written, {_fmt_s(r.checkpoint_s)} in the clock, "
+                                       f"{r.checkpoint_bytes / 1e6:.2f} MB each"
+                                       + (f"; {r.checkpoint_error}" if r.checkpoint_error else "")))
     for name, value in rows:
         out.print(f"  {name:<17} {value}", highlight=False)
 
@@ -81,6 +88,8 @@ def _seeds_summary(results: list, group_id: str) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from speedrun.train.run import Budget, resolve_recipe, train
 
+    if args.resume:
+        return _resume(args)
     # Check everything that can be checked before any training starts.
     recipe = resolve_recipe(args.recipe).override(parse_sets(args.set))
     Budget.parse(args.budget)
@@ -141,6 +150,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     if any(r.outcome == "interrupted" for r in results):
         return EXIT_INTERRUPTED
     return 0 if all(r.reached for r in results) else EXIT_NOT_REACHED
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """``train --resume RUN_ID``: continue a run from its checkpoint, in its own store row."""
+    from speedrun.train.run import train
+
+    given = [flag for flag, value in (("--set", args.set), ("--data", args.data), ("--model", args.model),
+                                      ("--without", args.without), ("--target", args.target),
+                                      ("--budget", args.budget), ("--seeds", args.seeds > 1)) if value]
+    if given:
+        raise ConfigError(f"--resume continues run {args.resume} as it was recorded (recipe, seed, target, "
+                          f"budget): drop {', '.join(given)}")
+    if args.save:
+        _check_writable(args.save)
+    store = RunStore(args.store or _default_store(), existing=True)
+    r = train(resume=args.resume, store=store, device=args.device, threads=args.threads,
+              progress=not args.json and out.is_terminal)
+    if args.json:
+        print(json.dumps(r.to_dict(), default=str))
+    else:
+        _print_result(r)
+    if args.save:
+        _save_model(r, args.save, None, quiet=args.json)
+    if r.store_error:
+        err.print(f"[bold red]speedrun: error:[/] {r.store_error}; the result above is not recorded", highlight=False)
+    if r.outcome == "interrupted":
+        return EXIT_INTERRUPTED
+    return 0 if r.reached else EXIT_NOT_REACHED
 
 
 def _check_writable(path: str) -> None:
@@ -291,14 +328,18 @@ def cmd_runs(args: argparse.Namespace) -> int:
                   "epochs", "device")
     for run in runs:
         s = run["summary"]
+        outcome = run["outcome"] + (", resumable" if run["resumable"] else "") + (
+            f" ({run['resumes']}x resumed)" if run["resumes"] else "")
         table.add_row(run["id"], run["created_at"].replace("+00:00", ""), run["recipe_name"], str(run["seed"]),
-                      run["outcome"], f"{run['target']:.2%}" if run["target"] else "-",
+                      outcome, f"{run['target']:.2%}" if run["target"] else "-",
                       _fmt_s(run["time_to_accuracy_s"]),
                       f"{run['best_accuracy']:.2%}" if run["best_accuracy"] is not None else "-",
                       f"{s['epochs']:.2f}" if "epochs" in s else "-", run["device"] or "-")
     out.print(table)
     if not runs:
         out.print(f"[dim]no runs in {store.path} match[/]")
+    elif any(run["resumable"] for run in runs):
+        out.print("[dim]continue a resumable run from its checkpoint: speedrun train --resume ID[/]")
     return 0
 
 
@@ -311,7 +352,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     out.print(f"[bold]run {run['id']}[/] {run['recipe_name']} seed {run['seed']}: {run['outcome']} "
               f"{run['detail'] or ''}", highlight=False)
     for key in ("time_to_accuracy_s", "total_time_s", "train_time_s", "eval_time_s", "prepare_s",
-                "best_accuracy", "epochs", "images_per_s", "flops_per_image", "mfu"):
+                "best_accuracy", "epochs", "images_per_s", "flops_per_image", "mfu", "resumes", "checkpoints_written",
+                "checkpoint_s"):
         if key in s:
             out.print(f"  {key:<20} {s[key]}", highlight=False)
     out.print("[bold]environment[/]")
@@ -356,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. --set train.epochs=3 (repeatable)")
     t.add_argument("--save", metavar="PATH", help="save the trained model there (with --seeds N: one file per "
                                                   "seed, PATH with -seedK before its suffix); see predict")
+    t.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted, lost or failed run from its "
+                                                      "checkpoint, as it was recorded (see speedrun runs)")
     t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     store_option(t)
     t.set_defaults(func=cmd_train)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from speedrun.attribution import RESAMPLES, Ratio, Sample, ratio_of_products
-from speedrun.config import ConfigError
+from speedrun.config import KEEPING_KEYS, ConfigError
 from speedrun.console import new_console
 from speedrun.store import RunStore
 
@@ -48,6 +48,10 @@ HARDWARE_KEYS = frozenset({"device", "cpu", "threads"})
 def recipe_key(run: Mapping[str, Any]) -> str:
     """``name@hash`` of the resolved recipe, the data source reduced to its last path component."""
     recipe = {k: v for k, v in (run.get("recipe") or {}).items() if k not in ("name", "description")}
+    for key in KEEPING_KEYS:  # how the run was kept (checkpoints) is not what it trained
+        section, name = key.split(".")
+        if isinstance(recipe.get(section), dict):
+            recipe[section] = {k: v for k, v in recipe[section].items() if k != name}
     if "source" in (recipe.get("data") or {}):
         recipe["data"] = {**recipe["data"], "source": Path(str(recipe["data"]["source"])).name}
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:6]

@@ -7,6 +7,7 @@ import math
 import re
 import traceback
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
@@ -20,16 +21,18 @@ from speedrun.inference import Classifier
 from speedrun.measure.clock import Clock
 from speedrun.measure.flops import matmul_peak, precision_dtype, train_flops_per_image
 from speedrun.models import ModelArg, build_model, check_model_config, check_output, is_import_path, model_label
-from speedrun.store import RunStore, StoreError, new_run_id
+from speedrun.store import RESUMABLE, RunStore, StoreError, new_run_id
 from speedrun.techniques import registry
 from speedrun.techniques.optimizers import build_optimizer
 from speedrun.techniques.schedules import LRSchedule
+from speedrun.train import checkpoint
 from speedrun.train.assembly import Assembly
 from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget
 from speedrun.train.loop import FitState, fit
 
 # Fit-hook positions of the trainer's own hooks, among the techniques' (speedrun.techniques.registry).
 ORDER_SCHEDULE, ORDER_GUARD, ORDER_EVAL, ORDER_USER, ORDER_BUDGET, ORDER_PROGRESS = 30, 40, 50, 85, 90, 95
+ORDER_CHECKPOINT = 0  # first, so its after_step runs last: a checkpoint holds what every hook did after the step
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,11 @@ class TrainResult:
     model: nn.Module | None = field(default=None, repr=False)  # the trained network, in eval mode
     classifier: Classifier | None = field(default=None, repr=False)  # the model with its data's conventions
     store_error: str | None = None  # set when the run could not be recorded
+    resumes: int = 0  # times the run was continued from a checkpoint (its clock carries the time before)
+    checkpoints_written: int = 0  # over the whole run, resumes included (speedrun.train.checkpoint)
+    checkpoint_s: float = 0.0  # spent writing them, inside the clock
+    checkpoint_bytes: int = 0  # size of the last one
+    checkpoint_error: str | None = None  # a checkpoint that could not be written
 
     @property
     def reached(self) -> bool:
@@ -150,11 +158,38 @@ def _store_for(store: RunStore | str | Path | bool | None) -> RunStore | None:
     return RunStore(default_store() if store is True else store)
 
 
+def _open_resume(run_id: str, store: RunStore | str | Path | bool | None, device: str, model: ModelArg, *,
+                 changes: bool) -> checkpoint.Resume:
+    """The run to resume and its checkpoint, or a one-line error: what a resume cannot take is refused."""
+    if changes:
+        raise ConfigError(f"a resumed run continues as it was recorded: run {run_id} takes no recipe overrides, "
+                          "data, target or techniques left out")
+    run_store = _store_for(store)
+    if run_store is None:
+        raise ConfigError(f"resuming run {run_id} needs the run store that recorded it")
+    resumed = checkpoint.open_resume(run_store, run_id)
+    if device != "auto" and resolve_device(device).type != resumed.device:
+        raise ConfigError(f"run {resumed.run_id} trained on {resumed.device}: it resumes there "
+                          f"(--device {resumed.device}), where its random generators' states apply")
+    recorded = resumed.run["recipe"]["model"]["name"]
+    if model is not None and model_label(model) != recorded:
+        raise ConfigError(f"run {resumed.run_id} was trained with model {recorded}, not {model_label(model)}")
+    return resumed
+
+
+def _resume_note(resumed: checkpoint.Resume) -> dict[str, Any]:
+    """What the store's env keeps of each resume: when, from where, and the dead time not counted."""
+    fit = resumed.payload["fit"]["counters"]
+    return {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "step": fit["step"],
+            "epoch": fit["epoch"], "clock_s": resumed.payload["clock"]["elapsed_s"],
+            "checkpoint_written_at": resumed.payload["written_at"], "from_outcome": resumed.run["outcome"]}
+
+
 def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = None, data: str | Path | None = None,
           target: float | None = None, seed: int = 0, budget: str | float | Budget | None = None,
           device: str = "auto", threads: int | None = None, store: RunStore | str | Path | bool | None = True,
           progress: bool = False, stop_at_target: bool = True, group_id: str | None = None,
-          without: Sequence[str] = (), hooks: Sequence[object] = (),
+          without: Sequence[str] = (), hooks: Sequence[object] = (), resume: str | None = None,
           overrides: Mapping[str, Any] | None = None, **kw_overrides: Any) -> TrainResult:
     """Train ``recipe`` until held-out accuracy reaches ``target`` (default: the recipe's), and time it.
 
@@ -167,11 +202,25 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     (``train__epochs=3``). The run is recorded in ``store`` (the default store, a path, a RunStore,
     or None); a store that cannot be written raises StoreError before training starts.
 
+    ``resume``: the id of an interrupted, lost or failed run of ``store`` to continue from its checkpoint
+    (``speedrun.train.checkpoint``), in the same store row; its recipe, seed, target and budget are the
+    recorded ones, so ``recipe``, overrides, ``data``, ``target`` and ``without`` are not taken. Its clock
+    carries the time before (the dead time between is not counted). ``model`` and ``hooks`` must be
+    given again as the run was started, when it was started with them.
+
     >>> result = speedrun.train("fashion-mnist", train__epochs=1, target=0.85)  # doctest: +SKIP
     >>> result.time_to_accuracy_s, result.predict(images)  # doctest: +SKIP
     """
     values = dict(overrides or {})
     values.update({k.replace("__", "."): v for k, v in kw_overrides.items()})
+    resumed: checkpoint.Resume | None = None
+    if resume is not None:
+        resumed = _open_resume(resume, store, device, model, changes=bool(values or without) or data is not None
+                               or target is not None)
+        recipe, seed, group_id, device = resumed.recipe, resumed.run["seed"], resumed.run["group_id"], resumed.device
+        settings = resumed.payload["settings"]
+        budget, stop_at_target = Budget(**settings["budget"]), settings["stop_at_target"]
+        model = None if isinstance(model, str) else model  # the recorded model.name stands
     if data is not None:
         values["data.source"] = str(data)
     if target is not None:
@@ -201,13 +250,22 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     check_run(recipe, datalib.load_prepared(prepared.directory, mmap=True), source_model)
 
     env = {**environment(dev), "precision": precision}
-    run_store = _store_for(store)
-    run_id = new_run_id()
-    if run_store:
+    run_store = resumed.store if resumed else _store_for(store)
+    run_id = resumed.run_id if resumed else new_run_id()
+    if resumed:  # the same row, running again; what the run recorded about its earlier processes is kept
+        env = {**env, "resumed": [*resumed.run["env"].get("resumed", []), _resume_note(resumed)]}
+        run_store.resume_run(resumed.run, env=env, curve=resumed.payload["curve"])
+    elif run_store:
         run_store.start_run(run_id=run_id, recipe_name=recipe.name, recipe=recipe.to_dict(), env=env,
                             target=recipe.target, seed=seed, group_id=group_id)
 
     clock = Clock(sync=torch.cuda.synchronize if dev.type == "cuda" else None)
+    checkpointer = None
+    if run_store and recipe.train.checkpoint_every_s > 0:
+        checkpointer = checkpoint.Checkpointer(
+            run_store.checkpoint_path(run_id), every_s=recipe.train.checkpoint_every_s, clock=clock,
+            settings={"budget": asdict(budget), "stop_at_target": stop_at_target, "device": dev.type},
+            **(resumed.payload["checkpoints"] if resumed else {}))
     on_point = _point_recorder(run_store, run_id) if run_store else None
     state: FitState | None = None
     evaluator: Evaluator | None = None
@@ -218,9 +276,12 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     # run of each process (every `speedrun train`) and not in later ones.
     importlib.import_module("torch._dynamo")
     clock.start()  # MLPerf: before the dataset is touched
+    if resumed:
+        clock.carry(resumed.elapsed_s, resumed.eval_s)
     try:
         parts = build_parts(recipe, prepared.directory, dev, precision, seed, model=source_model)
-        state, evaluator = _fit(recipe, parts, dev, budget, clock, progress, stop_at_target, on_point, hooks)
+        state, evaluator = _fit(recipe, parts, dev, budget, clock, progress, stop_at_target, on_point, hooks,
+                                checkpointer=checkpointer, resume=resumed.payload["fit"] if resumed else None)
     except KeyboardInterrupt:
         error = "interrupted before training started"
     except Exception as e:  # recorded as a failed run, never lost
@@ -230,6 +291,12 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
 
     result = _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, total, dev, precision,
                      env, error)
+    result.resumes = resumed.run["resumes"] + 1 if resumed else 0
+    if checkpointer:
+        result.checkpoints_written, result.checkpoint_s = checkpointer.written, checkpointer.seconds
+        result.checkpoint_bytes, result.checkpoint_error = checkpointer.bytes, checkpointer.error
+        if result.outcome not in RESUMABLE and not recipe.train.keep_checkpoint:  # ended by itself
+            checkpoint.remove(checkpointer.path)
     if run_store:
         try:
             run_store.finish_run(run_id, outcome=result.outcome, detail=result.detail,
@@ -238,6 +305,22 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
         except StoreError as e:  # the training result must not be lost with the store
             result.store_error = str(e)
     return result
+
+
+def resume_or_train(store: RunStore, run_id: str | None, *args: Any, **kwargs: Any) -> TrainResult:
+    """Continue stored run ``run_id`` from its checkpoint when it can be (``checkpoint.resume_problem``),
+    else ``train(*args, **kwargs)`` afresh: how ``ablate`` (and a tuner) redo a run an interruption cut
+    short without repeating its work. A resume takes only ``device``, ``threads``, ``progress``, ``model``
+    and ``hooks`` of ``kwargs``; the recipe, seed and budget are the run's own."""
+    if run_id is not None:
+        try:
+            run = store.get_run(run_id)
+        except StoreError:
+            run = None
+        if run is not None and checkpoint.resume_problem(run) is None:
+            keep = ("device", "threads", "progress", "model", "hooks")
+            return train(resume=run["id"], store=store, **{k: v for k, v in kwargs.items() if k in keep})
+    return train(*args, store=store, **kwargs)
 
 
 def check_run(recipe: Recipe, images: datalib.ImageSet, model: Callable[..., nn.Module] | nn.Module | None) -> None:
@@ -346,7 +429,9 @@ def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: s
 
 def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock: Clock, progress: bool,
          stop_at_target: bool, on_point: Callable[[EvalPoint], None] | None,
-         user_hooks: Sequence[object]) -> tuple[FitState, Evaluator]:
+         user_hooks: Sequence[object], *, checkpointer: checkpoint.Checkpointer | None = None,
+         resume: Mapping[str, Any] | None = None) -> tuple[FitState, Evaluator]:
+    """Run the fit; ``resume``: the fit state of a checkpoint to continue from (``checkpoint.snapshot``)."""
     spe = len(parts.train_loader)
     schedule_steps = max(1, math.ceil(recipe.train.epochs * spe))
     max_steps = schedule_steps if budget.epochs is None else min(schedule_steps, math.ceil(budget.epochs * spe))
@@ -367,7 +452,13 @@ def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock:
         hooks.append((ORDER_BUDGET, TimeBudget(budget.seconds, clock)))
     if progress:
         hooks.append((ORDER_PROGRESS, ProgressBar(clock)))
-    fit(state, [h for _, h in sorted(hooks, key=lambda pair: pair[0])])  # stable: equal orders keep their order
+    if checkpointer is not None:
+        hooks.append((ORDER_CHECKPOINT, checkpointer))
+    ordered = [h for _, h in sorted(hooks, key=lambda pair: pair[0])]  # stable: equal orders keep their order
+    if checkpointer is not None:
+        checkpointer.bind(ordered, lambda: [asdict(p) for p in evaluator.curve])
+    fit(state, ordered, restore=None if resume is None else functools.partial(checkpoint.restore, hooks=ordered,
+                                                                                saved=resume))
     state.extras["example"] = next(parts.test_loader.epoch(0))[0][:2]
     return state, evaluator
 
