@@ -60,6 +60,8 @@ def _print_result(r) -> None:
         rows.insert(2, ("checkpoints", f"{r.checkpoints_written} written, {_fmt_s(r.checkpoint_s)} in the clock, "
                                        f"{r.checkpoint_bytes / 1e6:.2f} MB each"
                                        + (f"; {r.checkpoint_error}" if r.checkpoint_error else "")))
+    if r.outcome in ("interrupted", "failed") and r.checkpoints_written and not r.store_error:
+        rows.append(("continue with", f"speedrun train --resume {r.run_id}  (from its last checkpoint)"))
     for name, value in rows:
         out.print(f"  {name:<17} {value}", highlight=False)
 

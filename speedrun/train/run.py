@@ -178,7 +178,7 @@ def _open_resume(run_id: str, store: RunStore | str | Path | bool | None, device
 
 
 def _resume_note(resumed: checkpoint.Resume) -> dict[str, Any]:
-    """What the store's env keeps of each resume: when, from where, and the dead time not counted."""
+    """What the store's env keeps of each resume: when, and from which step and clock time."""
     fit = resumed.payload["fit"]["counters"]
     return {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "step": fit["step"],
             "epoch": fit["epoch"], "clock_s": resumed.payload["clock"]["elapsed_s"],
