@@ -351,3 +351,28 @@ def test_checkpoint_settings_are_not_part_of_a_recipes_identity():
     longer = {**recipe, "train": {**recipe["train"], "epochs": 3.0}}
     keys = [recipe_key({"recipe_name": "r", "recipe": r}) for r in (recipe, before, kept, longer)]
     assert keys[0] == keys[1] == keys[2] != keys[3]
+
+
+def test_a_hook_state_torch_cannot_save_stops_the_checkpoints_not_the_run(tmp_path):
+    from speedrun.train.loop import FitState, fit
+
+    class Unsavable:
+        def state_dict(self) -> dict:
+            return {"fn": lambda: 0}  # pickles by reference: a local function cannot
+
+        def load_state_dict(self, saved, state) -> None:
+            pass
+
+    images, labels = synthetic_images(64, size=8, seed=0)
+    loader = ResidentLoader(torch.as_tensor(images[:, None]), torch.as_tensor(labels).long(), batch_size=16,
+                            mean=(0.5,), std=(0.25,), train=True)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    state = FitState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     loss_fn=torch.nn.functional.cross_entropy, loader=loader, schedule_steps=8, max_steps=8)
+    writer = checkpoint.Checkpointer(tmp_path / "r.pt", every_s=1e-9, clock=Clock().start(), settings={})
+    hooks = [writer, Unsavable()]
+    writer.bind(hooks, list)
+    fit(state, hooks)
+    assert state.outcome == "completed" and state.step == 8
+    assert writer.written == 0 and "could not be written" in writer.error and "lambda" in writer.error
+    assert not (tmp_path / "r.pt").exists() and not list(tmp_path.iterdir())

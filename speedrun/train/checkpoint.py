@@ -8,7 +8,7 @@ the stem's freezing, progressive resizing, the batch mixer's generator, the eval
 tallies), the Python, NumPy, torch and CUDA generators, and the run's clock. A resumed fit restores
 all of it after ``before_fit`` (``restore``), so on CPU with the same threads its weights end
 bit-identical to an uninterrupted run's. Hooks whose behaviour depends only on the step or the clock
-(the LR schedule, the divergence guard, the time budget, the progress bar) hold nothing to save.
+(the LR schedule, the divergence guard, the time budget, the progress bar) hold nothing a resume needs.
 
 Where: ``<folder of the run store>/checkpoints/<run id>.pt`` (``RunStore.checkpoint_path``), one file
 per run, replaced by each new checkpoint. It is deleted when the run ends by itself (reached, budget
@@ -133,7 +133,7 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, number: int = 0) -> None:
+def write_atomic(path: Path, data: bytes | memoryview, *, number: int = 0) -> None:
     """Replace ``path`` by ``data`` so that a crash leaves the old file or the new one, never a part.
 
     ``number`` counts this process's writes, for the test hook (``PAUSE_ENV``).
@@ -194,9 +194,9 @@ class Checkpointer:
     Ordered first among the fit hooks, so its ``after_step`` runs after every other hook's (after-events
     run in reverse): the state it saves includes what they did after the step (an evaluation, an
     average). ``bind`` gives it the hooks to save and the curve; ``settings`` are the run's options a
-    resume needs besides its store row (the budget). A write that fails (a full disk) is said in
-    ``error`` and no more are tried; the run goes on. ``written`` and ``seconds`` start from the counts
-    of the runs it continues.
+    resume needs besides its store row (the budget, the device type). A write that fails (a full disk,
+    a hook's state torch cannot save) is said in ``error`` and no more are tried; the run goes on.
+    ``written`` and ``seconds`` start from the counts of the processes of the run before this one.
     """
 
     def __init__(self, path: Path, *, every_s: float, clock: Clock, settings: Mapping[str, Any],
@@ -227,14 +227,14 @@ class Checkpointer:
                    "clock": {"elapsed_s": self.clock.elapsed(), "eval_s": self.clock.eval_s},
                    "checkpoints": {"written": self.written + 1, "seconds": self.seconds},
                    "settings": self.settings, "curve": self.curve(), "fit": snapshot(state, self.hooks)}
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        data = buffer.getbuffer()
         try:
+            buffer = io.BytesIO()
+            torch.save(payload, buffer)  # a hook's state torch cannot save fails here, not the run
+            data = buffer.getbuffer()
             write_atomic(self.path, data, number=self._number)
-        except OSError as e:
-            self.error = (f"checkpoint {self._number} could not be written to {self.path} "
-                          f"({e.strerror or e}); no more were tried")
+        except Exception as e:  # a full disk, an unwritable folder, an unsavable state: the run goes on
+            why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            self.error = f"checkpoint {self._number} could not be written to {self.path} ({why}); no more were tried"
         else:
             self.written += 1
             self.bytes = data.nbytes
