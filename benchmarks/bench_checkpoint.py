@@ -9,7 +9,7 @@ disk); each write is timed as the trainer times it (state snapshot, serializatio
 fsync, rename, folder fsync: all inside the run's clock), and the last checkpoint is kept and read
 back as ``speedrun train --resume`` reads it. The share of a run is the median write time over the
 default interval (one write per ``checkpoint_every_s`` seconds of clock), and over the recipe's whole
-run (its median time from BENCHMARKS.md, ``--run-s``) with the writes that run makes at the default.
+run (``RUN_S``: its median time-to-accuracy in BENCHMARKS.md) with the writes it makes at the default.
 With --write the results replace the checkpoint section of BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -57,24 +57,9 @@ def timed_writes() -> tuple[list[float], Callable[[], None]]:
     return times, lambda: setattr(checkpoint.Checkpointer, "write", original)
 
 
-class StepTimer:
-    """Times each training step from before its batch to its ``after_step``, which (a user hook) runs before
-    the checkpoint writer's: the steps' own time, writes left out."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def before_batch(self, state) -> None:
-        self._start = time.perf_counter()
-
-    def after_step(self, state) -> None:
-        self.times.append(time.perf_counter() - self._start)
-
-
 def measure(recipe_name: str, *, steps: int, repeats: int, data: str | None) -> dict:
     recipe = get_recipe(recipe_name)
-    writes, reads, sizes, runs, steps_s = [], [], [], [], []
+    writes, reads, sizes, runs = [], [], [], []
     folder = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=home()))  # the default store's disk
     store = RunStore(folder / "runs.sqlite")
     prepared = datalib.prepare(datalib.resolve(data or recipe.data.source))
@@ -82,11 +67,9 @@ def measure(recipe_name: str, *, steps: int, repeats: int, data: str | None) -> 
     epochs = (steps - 0.5) / steps_per_epoch  # a budget of ``steps`` steps
     for i in range(repeats):
         times, undo = timed_writes()
-        timer = StepTimer()
         try:
             r = speedrun.train(recipe_name, data=data, store=store, target=1.0, budget=f"{epochs:.6f}ep",
-                               overrides={"train.checkpoint_every_s": 1e-9, "train.keep_checkpoint": True},
-                               hooks=[timer])
+                               overrides={"train.checkpoint_every_s": 1e-9, "train.keep_checkpoint": True})
         finally:
             undo()
         path = store.checkpoint_path(r.run_id)
@@ -96,14 +79,13 @@ def measure(recipe_name: str, *, steps: int, repeats: int, data: str | None) -> 
         sizes.append(path.stat().st_size)
         writes += times[1:]  # the first write of a process also pays one-time costs (imports, first fsync)
         runs.append(r)
-        steps_s += timer.times[1:]  # the first step of a run is slow (allocations)
         print(f"  {recipe_name} repeat {i + 1}: {r.steps} steps, {len(times)} writes, median "
               f"{statistics.median(times) * 1e3:.1f} ms (first {times[0] * 1e3:.1f} ms), "
               f"{sizes[-1] / 1e6:.2f} MB, read {reads[-1] * 1e3:.1f} ms", flush=True)
         checkpoint.remove(path)
     shutil.rmtree(folder)
     return {"recipe": recipe_name, "writes": writes, "reads": reads, "bytes": statistics.median(sizes),
-            "params": sum(p.numel() for p in runs[0].model.parameters()), "step_s": statistics.median(steps_s)}
+            "params": sum(p.numel() for p in runs[0].model.parameters())}
 
 
 def row(m: dict, every_s: float) -> str:
@@ -113,8 +95,7 @@ def row(m: dict, every_s: float) -> str:
     per_run = math.floor(run_s / every_s) if run_s else None
     share_run = f"{per_run} write(s): {per_run * med / run_s:.3%}" if run_s else "-"
     return (f"| `{m['recipe']}` | {m['params']:,} | {m['bytes'] / 1e6:.2f} MB | **{med * 1e3:.1f} ms** "
-            f"[{w[0] * 1e3:.1f}–{w[-1] * 1e3:.1f}] (n={len(w)}) | {med / m['step_s']:.2f} steps "
-            f"({m['step_s'] * 1e3:.0f} ms each) | {med / every_s:.3%} | {share_run} of {run_s:g} s | {statistics.median(rd) * 1e3:.1f} ms "
+            f"[{w[0] * 1e3:.1f}–{w[-1] * 1e3:.1f}] (n={len(w)}) | {med / every_s:.3%} | {share_run} of {run_s:g} s | {statistics.median(rd) * 1e3:.1f} ms "
             f"[{rd[0] * 1e3:.1f}–{rd[-1] * 1e3:.1f}] |")
 
 
@@ -135,9 +116,9 @@ def main() -> int:
     results = [measure(name, steps=args.steps, repeats=args.repeats, data=data.get(name))
                for name in args.recipes.split(",")]
     table = "\n".join([
-        "| recipe | parameters | checkpoint size | write time, median [min–max] | in training steps, median "
+        "| recipe | parameters | checkpoint size | write time, median [min–max] "
         f"| share at the default interval ({every_s:g} s) | whole run at the default | read to resume, median [min–max] |",
-        "|---|---|---|---|---|---|---|---|", *(row(m, every_s) for m in results)])
+        "|---|---|---|---|---|---|---|", *(row(m, every_s) for m in results)])
     load_after = os.getloadavg()[0]
     print(table)
     if args.write:
@@ -149,11 +130,12 @@ def main() -> int:
                 "`torch.save` into memory, the temporary file written and fsynced, renamed over the previous "
                 "checkpoint, the folder fsynced. The first write of each repeat is left out (one-time costs). "
                 "Read: `torch.load(weights_only=True)` of the last checkpoint, as `--resume` reads it (its time "
-                "is added to the resumed run's clock). The share at the default interval is the median write "
+                "is added to the resumed run's clock), from the page cache since it was just written. The share at the default interval is the median write "
                 "over the interval; the whole run is the recipe's median time-to-accuracy (sections above) with "
                 "the writes made in it at the default (one per interval of clock, none in a shorter run). "
                 f"Other work shared the machine: load average {load_before:.1f} before, {load_after:.1f} after "
-                "(2 cores), which slows the training steps far more than the writes.\n\n" + table)
+                "(2 cores): with 2 threads each, training steps ran several times slower than unloaded, so "
+                "steps are not compared here; the writes are serialization and I/O, less slowed.\n\n" + table)
         write_section("checkpoint", "Checkpoints: cost of writing one, and of reading it to resume",
                       f"benchmarks/bench_checkpoint.py --recipes {args.recipes} --steps {args.steps} "
                       f"--repeats {args.repeats}{options}", env, text)
