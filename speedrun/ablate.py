@@ -11,7 +11,9 @@ first-run-in-process cost fall on every variant alike rather than on one.
 
 Resumable: the plan is stored under an ablation id before the first run, and each finished run is
 linked to it by (variant, seed). Running the same command again (or ``--resume ID``) continues:
-runs that ended as ``reached``, ``budget_exhausted`` or ``diverged`` are kept, the rest are run.
+runs that ended as ``reached``, ``budget_exhausted`` or ``diverged`` are kept, a run cut short (interrupted,
+lost, failed) is continued from its checkpoint when it wrote one (``speedrun.train.checkpoint``), and the
+rest are run.
 
 ``retune_epochs``: removing a technique should be judged at equal accuracy, not equal epochs.
 For each variant, the shortest ``train.epochs`` on :data:`EPOCH_GRID` (multiples of the recipe's,
@@ -45,7 +47,7 @@ from speedrun.techniques.registry import TECHNIQUES, Technique
 
 MODES = ("leave-one-out", "add-one-in", "both")
 EPOCH_GRID = tuple(round(2 ** (k / 4), 3) for k in range(-8, 5))  # 0.25x ... 2x the recipe's train.epochs
-FINISHED = ("reached", "budget_exhausted", "diverged")  # outcomes a resumed ablation keeps
+FINISHED = ("reached", "completed", "budget_exhausted", "diverged")  # outcomes a resumed ablation keeps
 LATENCY_SAMPLES = 100  # test images timed one at a time, per variant, after its first-seed run
 PLAN_VERSION = 1
 
@@ -227,11 +229,15 @@ def run_order(variants: Sequence[str], seeds: Sequence[int]) -> list[tuple[int, 
 
 # ---------------------------------------------------------------- running
 
-def _train(*args: Any, **kwargs: Any):
-    """``speedrun.train``; a seam the tests replace to interrupt an ablation."""
-    from speedrun.train.run import train
+def _train(*args: Any, resume_run: str | None = None, **kwargs: Any):
+    """``speedrun.train``, or the resume of ``resume_run`` (an earlier run of the same variant and seed cut
+    short) from its checkpoint where it has one; a seam the tests replace to interrupt an ablation."""
+    from speedrun.train.run import resume_or_train, train
 
-    return train(*args, **kwargs)
+    store = kwargs.get("store")
+    if resume_run is None or store is None:
+        return train(*args, **kwargs)
+    return resume_or_train(store, resume_run, *args, **{k: v for k, v in kwargs.items() if k != "store"})
 
 
 def _record(run: Mapping[str, Any]) -> RunRecord:
@@ -326,11 +332,15 @@ def _execute(ablation_id: str, plan: Mapping[str, Any], variants: list[Variant],
              say: Callable[[str], None], latency_samples: int, resamples: int) -> AblationResult:
     seeds = list(plan["seeds"])
     done: dict[tuple[str, str, int, float], RunRecord] = {}  # (role, variant, seed, schedule epochs)
+    unfinished: dict[tuple[str, str, int, float], str] = {}  # the same keys: a run cut short, to resume
     latency: dict[str, float] = {}
     if store:
         linked = store.ablation_runs(ablation_id)
         metrics = store.metrics([r["id"] for r in linked])
-        for run in linked:
+        for run in linked:  # oldest first: the latest run of a key is the one resumed
+            if run["outcome"] not in FINISHED:
+                epochs = float(run["schedule_epochs"] or run["recipe"]["train"]["epochs"])
+                unfinished[(run["role"], run["variant"], run["seed"], epochs)] = run["id"]
             if run["outcome"] in FINISHED:
                 rec = _record(run)
                 done[(run["role"], rec.variant, rec.seed, rec.schedule_epochs)] = rec
@@ -348,7 +358,7 @@ def _execute(ablation_id: str, plan: Mapping[str, Any], variants: list[Variant],
         recipe = variant.recipe if epochs == variant.recipe.train.epochs else \
             variant.recipe.override({"train.epochs": epochs})
         start = time.perf_counter()
-        r = _train(recipe, seed=seed, **common)
+        r = _train(recipe, seed=seed, resume_run=unfinished.get(key), **common)
         clock["runs"] += 1
         clock["seconds"] += time.perf_counter() - start
         if store:

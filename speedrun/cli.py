@@ -50,7 +50,9 @@ def _outcome_line(outcome: str, detail: str | None, *, sep: str = " ") -> str:
 
 
 def _print_result(r) -> None:
-    style = {"reached": "bold green", "interrupted": "yellow"}.get(r.outcome, "bold red")
+    from speedrun.recipes.sized import NO_TARGET, SIZED
+
+    style = {"reached": "bold green", "completed": "bold", "interrupted": "yellow"}.get(r.outcome, "bold red")
     words = r.outcome.replace("_", " ")
     line = _outcome_line(r.outcome, r.detail)
     out.print(f"[{style}]{words}[/]{escape(line[len(words):])}  (run {r.run_id}, recipe {escape(r.recipe.name)}, "
@@ -67,12 +69,28 @@ def _print_result(r) -> None:
                          + (" (cached)" if r.prepare_s == 0 else "")),
         ("device", f"{r.device}, {_threads(r.env)}, {r.env.get('precision')}, torch {r.torch_version}"),
     ]
+    if r.target >= NO_TARGET:  # nothing to reach: the whole schedule ran, and each evaluation says where it was
+        rows[0] = ("final accuracy", f"{_fmt_acc(r.final_accuracy)}, best {_fmt_acc(r.best_accuracy)} (no target: "
+                                     "--target T stops the clock at the first evaluation >= T)")
+        rows.insert(1, ("evaluations", " · ".join(f"{p.accuracy:.2%} at {_fmt_s(p.elapsed_s)}" for p in r.curve)
+                        or "none"))
+    if r.recipe.name == SIZED:
+        rows.insert(0, ("recipe", r.recipe.description))
     if r.val_accuracy is not None:  # a run with a validation split: both splits, the judged one marked
         judged = r.recipe.eval.split
         rows.insert(1, ("final accuracy", " · ".join(
             f"{split} {'-' if acc is None else f'{acc:.2%}'}" + (" (judged)" if split == judged else "")
             for split, acc in (("val", r.val_accuracy), ("test", r.test_accuracy)))
             + f"  (val: {r.env['val_split']['val_images']:,} held-out training images)"))
+    if r.resumes:
+        rows.insert(2, ("resumed", f"{r.resumes} time(s) from a checkpoint; the clock carries the time before, "
+                                   "not the dead time between"))
+    if r.checkpoints_written or r.checkpoint_error:
+        rows.insert(2, ("checkpoints", f"{r.checkpoints_written} written, {_fmt_s(r.checkpoint_s)} in the clock, "
+                                       f"{r.checkpoint_bytes / 1e6:.2f} MB each"
+                                       + (f"; {r.checkpoint_error}" if r.checkpoint_error else "")))
+    if r.outcome in ("interrupted", "failed") and r.checkpoints_written and not r.store_error:
+        rows.append(("continue with", f"speedrun train --resume {r.run_id}  (from its last checkpoint)"))
     for name, value in rows:
         out.print(f"  {name:<17} {value}", markup=False, highlight=False)
 
@@ -123,13 +141,24 @@ def _seeds_summary(results: list, group_id: str) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from speedrun.config import Recipe
+    from speedrun.recipes.sized import SIZED, default_recipe
     from speedrun.train.run import Budget, resolve_recipe, train
 
+    if args.resume:
+        return _resume(args)
     # Check everything that can be checked before any training starts.
     sets = parse_sets(args.set)
     if args.val_frac is not None:
         sets["data.val_frac"] = args.val_frac
-    recipe = resolve_recipe(args.recipe).override(sets)
+    recipe = args.recipe or default_recipe(args.data)
+    if recipe == SIZED:  # made from the data when training starts: only the given values are checked here
+        Recipe(name=SIZED).override(sets)
+        if not args.recipe and not args.json:
+            out.print(f"[dim]no --recipe: the recipe is sized from {escape(args.data)}'s shape ('sized'; "
+                      "speedrun recipes lists the built-in ones)[/]", highlight=False)
+    else:
+        recipe = resolve_recipe(recipe).override(sets)
     Budget.parse(args.budget)
     if args.save:
         _check_writable(args.save)
@@ -151,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             out.print(f"[dim]seed {seed} ({i + 1}/{args.seeds})[/]")
         run_seed = functools.partial(train, recipe, model=args.model, data=args.data, target=args.target, seed=seed,
                                      budget=args.budget, device=args.device, threads=args.threads, without=args.without,
-                                     progress=not args.json and out.is_terminal, group_id=group_id)
+                                     progress=not args.json and out.is_terminal, group_id=group_id, overrides=sets)
         try:
             r = run_seed(store=store)
         except StoreError as e:  # the store opened but cannot record the run's start: train this seed unrecorded
@@ -187,7 +216,35 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"store: {store_problem}", highlight=False)
     if any(r.outcome == "interrupted" for r in results):
         return EXIT_INTERRUPTED
-    return 0 if all(r.reached for r in results) else EXIT_NOT_REACHED
+    return 0 if all(r.reached or r.outcome == "completed" for r in results) else EXIT_NOT_REACHED
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """``train --resume RUN_ID``: continue a run from its checkpoint, in its own store row."""
+    from speedrun.train.run import train
+
+    given = [flag for flag, value in (("--recipe", args.recipe), ("--set", args.set), ("--data", args.data), ("--model", args.model),
+                                      ("--without", args.without), ("--target", args.target),
+                                      ("--budget", args.budget), ("--seeds", args.seeds > 1)) if value]
+    if given:
+        raise ConfigError(f"--resume continues run {args.resume} as it was recorded (recipe, seed, target, "
+                          f"budget): drop {', '.join(given)}")
+    if args.save:
+        _check_writable(args.save)
+    store = RunStore(args.store or _default_store(), existing=True)
+    r = train(resume=args.resume, store=store, device=args.device, threads=args.threads,
+              progress=not args.json and out.is_terminal)
+    if args.json:
+        print(json.dumps(r.to_dict(), default=str))
+    else:
+        _print_result(r)
+    if args.save:
+        _save_model(r, args.save, None, quiet=args.json)
+    if r.store_error:
+        err.print(f"[bold red]speedrun: error:[/] {r.store_error}; the result above is not recorded", highlight=False)
+    if r.outcome == "interrupted":
+        return EXIT_INTERRUPTED
+    return 0 if r.reached or r.outcome == "completed" else EXIT_NOT_REACHED
 
 
 def _check_writable(path: str) -> None:
@@ -280,12 +337,18 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     from speedrun.recipes import RECIPES, get_recipe, load_toml
+    from speedrun.recipes.sized import SIZED
 
     if args.name:
         from speedrun.techniques.registry import enabled_techniques
 
         # A .toml file resolves against its base, as `train --recipe my.toml` does.
-        recipe = load_toml(args.name) if args.name.endswith(".toml") else get_recipe(args.name)
+        if args.name == SIZED:
+            recipe = _sized_recipe_for(args.data)
+        elif args.data:
+            raise ConfigError("--data only applies to 'sized' (a recipe made from the data)")
+        else:
+            recipe = load_toml(args.name) if args.name.endswith(".toml") else get_recipe(args.name)
         if args.json:
             print(recipe.to_json())
         else:
@@ -305,8 +368,22 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     table = Table("recipe", "target", "description")
     for spec in RECIPES.values():
         table.add_row(escape(spec.name), percent(spec.build().target), escape(spec.description))
+    table.add_row(SIZED, "none", "made from a dataset's shape: the default of speedrun train --data PATH "
+                                 "(speedrun recipes sized --data PATH shows it)")
     out.print(table)
     return 0
+
+
+def _sized_recipe_for(data: str | None):
+    """The recipe ``speedrun train --data DATA`` would size (the data prepared, as training would)."""
+    from speedrun.config import Recipe
+    from speedrun.recipes.sized import SIZED, sized_for
+    from speedrun.train.run import prepare_data
+
+    if not data:
+        raise ConfigError("recipe 'sized' is made from a dataset's shape: give it with --data PATH")
+    _, images = prepare_data(Recipe(name=SIZED).override({"data.source": data}).data)
+    return sized_for(images, source=data)
 
 
 def cmd_techniques(args: argparse.Namespace) -> int:
@@ -359,12 +436,16 @@ def _print_runs(runs: list[dict[str, Any]]) -> None:
     for run in runs:
         s = run["summary"]
         best = run["best_accuracy"]
+        outcome = run["outcome"] + (", resumable" if run["resumable"] else "") + (
+            f" ({run['resumes']}x resumed)" if run["resumes"] else "")
         table.add_row(run["id"], run["created_at"].replace("+00:00", ""), escape(run["recipe_name"]),
-                      str(run["seed"]), run["outcome"], f"{run['target']:.2%}" if run["target"] else "-",
+                      str(run["seed"]), outcome, f"{run['target']:.2%}" if run["target"] and run["target"] < 1 else "-",
                       _fmt_s(run["time_to_accuracy_s"]),
                       f"{best:.2%}" if best is not None else "not evaluated" if run["outcome"] != "running" else "-",
                       f"{s['epochs']:.2f}" if "epochs" in s else "-", escape(run["device"] or "-"))
     out.print(table)
+    if any(run["resumable"] for run in runs):
+        out.print("[dim]continue a resumable run from its checkpoint: speedrun train --resume ID[/]")
 
 
 def _print_group_stats(runs: list[dict[str, Any]]) -> None:
@@ -425,7 +506,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     out.print(f"[bold]run {run['id']}[/] {escape(run['recipe_name'])} seed {run['seed']}: "
               f"{escape(_outcome_line(run['outcome'], run['detail']))}", highlight=False)
     for key in ("time_to_accuracy_s", "total_time_s", "train_time_s", "eval_time_s", "prepare_s",
-                "best_accuracy", "epochs", "images_per_s", "flops_per_image", "mfu"):
+                "best_accuracy", "epochs", "images_per_s", "flops_per_image", "mfu", "resumes", "checkpoints_written",
+                "checkpoint_s"):
         if key in s:
             value = "not evaluated" if key == "best_accuracy" and s[key] is None else s[key]
             out.print(f"  {key:<20} {value}", markup=False, highlight=False)
@@ -474,8 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "$SPEEDRUN_HOME/runs.sqlite (~/.speedrun/runs.sqlite)")
 
     t = sub.add_parser("train", help="train a recipe to a target accuracy; report time-to-accuracy")
-    t.add_argument("--recipe", default="fashion-mnist", help="built-in recipe name or a .toml file "
-                                                              "(default: fashion-mnist)")
+    t.add_argument("--recipe", help="built-in recipe name or a .toml file (default: fashion-mnist; with "
+                                    "--data of your own, 'sized': a recipe sized from the data)")
     t.add_argument("--data", help="dataset: a built-in name or a path (default: the recipe's)")
     t.add_argument("--model", help="a model of your own: package.module:factory, called as "
                                    "factory(in_channels=, num_classes=, image_size=) (default: the recipe's)")
@@ -494,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. --set train.epochs=3 (repeatable)")
     t.add_argument("--save", metavar="PATH", help="save the trained model there (with --seeds N: one file per "
                                                   "seed, PATH with -seedK before its suffix); see predict")
+    t.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted, lost or failed run from its "
+                                                      "checkpoint, as it was recorded (see speedrun runs)")
     t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     store_option(t)
     t.set_defaults(func=cmd_train)
@@ -521,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list the built-in recipes, or show one (or a .toml) in full")
     r.add_argument("name", nargs="?", help="a built-in recipe's name, or a .toml recipe file")
+    r.add_argument("--data", help="with 'sized': the dataset to size it from (a built-in name or a path)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_recipes)
 

@@ -46,19 +46,23 @@ from typing import Any, Callable, Mapping, Sequence
 
 from speedrun.argtypes import target_fraction
 from speedrun.attribution import RESAMPLES, Ratio, Sample, ratio_of_products
-from speedrun.config import ConfigError
+from speedrun.config import KEEPING_KEYS, ConfigError
 from speedrun.console import escape, new_console, percent, plural
 from speedrun.measure.stats import seed_stats
 from speedrun.store import RunStore
 
-FINISHED = ("reached", "budget_exhausted", "diverged")
+FINISHED = ("reached", "completed", "budget_exhausted", "diverged")
 HARDWARE_KEYS = frozenset({"device", "cpu", "threads"})
 LABEL_KEYS = 3  # a label names at most this many distinguishing values; the rest go under the table
 
 
 def _recipe(run: Mapping[str, Any]) -> dict[str, Any]:
-    """The stored recipe without its name and description, the data source by its last path component."""
+    """The stored recipe without its name, description and keeping keys, the data source by its last path component."""
     recipe = {k: v for k, v in (run.get("recipe") or {}).items() if k not in ("name", "description")}
+    for key in KEEPING_KEYS:  # how the run was kept (checkpoints) is not what it trained
+        section, name = key.split(".")
+        if isinstance(recipe.get(section), dict):
+            recipe[section] = {k: v for k, v in recipe[section].items() if k != name}
     if "source" in (recipe.get("data") or {}):
         recipe["data"] = {**recipe["data"], "source": Path(str(recipe["data"]["source"])).name}
     return recipe

@@ -131,6 +131,15 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     retain_memory: bool = False  # keep freed memory in the process (glibc mallopt); process-wide
+    # Write a checkpoint (speedrun.train.checkpoint) after a step once this many seconds of the run's clock
+    # have passed since the last: runs shorter than that write none; 0: never. For `train --resume`.
+    checkpoint_every_s: float = 300.0
+    keep_checkpoint: bool = False  # keep the last checkpoint of a run that ended by itself (else deleted)
+
+
+# Keys that decide how a run is kept, not how it trains: not part of a recipe's identity (compare's
+# recipe key), so runs from before they existed compare with runs after.
+KEEPING_KEYS = ("train.checkpoint_every_s", "train.keep_checkpoint")
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,7 @@ def validate(recipe: Recipe) -> None:
         (0.0 < recipe.target <= 1.0, "target must be in (0, 1]"),
         (recipe.train.epochs > 0, "train.epochs must be > 0"),
         (recipe.train.batch_size > 0, "train.batch_size must be > 0"),
+        (recipe.train.checkpoint_every_s >= 0, "train.checkpoint_every_s must be >= 0 (0: no checkpoints)"),
         (recipe.optim.lr > 0 and recipe.optim.lr_batch_size > 0, "optim.lr and optim.lr_batch_size must be > 0"),
         (0.0 <= recipe.train.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
         (recipe.eval.every_epochs > 0 or recipe.eval.every_s > 0,

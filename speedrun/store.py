@@ -3,7 +3,9 @@
 A run is inserted when it starts (outcome ``running``, with its pid and host), each evaluation point is
 appended to ``run_points`` as it is measured, and the run is updated when it ends. A run that is
 interrupted or fails is updated with its curve so far; one killed outright (SIGKILL, the OOM killer)
-keeps its points, and reads back as ``lost`` once its process is gone from this host.
+keeps its points, and reads back as ``lost`` once its process is gone from this host. An interrupted,
+lost or failed run with a checkpoint (``speedrun.train.checkpoint``, kept in ``checkpoints/`` beside the
+store) reads back as ``resumable``; resumed, it is ``running`` again in the same row, its ``resumes`` counted.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ CREATE TABLE IF NOT EXISTS runs (
     curve_json TEXT NOT NULL DEFAULT '[]',
     summary_json TEXT NOT NULL DEFAULT '{}',
     pid INTEGER,
-    host TEXT
+    host TEXT,
+    resumes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_recipe ON runs (recipe_name, created_at);
 CREATE INDEX IF NOT EXISTS runs_group ON runs (group_id);
@@ -77,8 +80,11 @@ CREATE TABLE IF NOT EXISTS run_metrics (
 );
 """
 
-OUTCOMES = ("running", "reached", "budget_exhausted", "diverged", "pruned", "interrupted", "failed", "lost")
-_ADDED_COLUMNS = {"runs": {"pid": "INTEGER", "host": "TEXT"}}  # columns newer than the first schema
+OUTCOMES = ("running", "reached", "completed", "budget_exhausted", "diverged", "pruned", "interrupted", "failed",
+            "lost")
+# Columns newer than the first schema.
+_ADDED_COLUMNS = {"runs": {"pid": "INTEGER", "host": "TEXT", "resumes": "INTEGER NOT NULL DEFAULT 0"}}
+RESUMABLE = ("interrupted", "lost", "failed")  # outcomes a run can be resumed from, given a checkpoint
 
 
 class StoreError(RuntimeError):
@@ -144,6 +150,36 @@ class RunStore:
             (run_id, group_id, datetime.now(timezone.utc).isoformat(timespec="seconds"), recipe_name,
              target, seed, env.get("device_name"), json.dumps(recipe), json.dumps(env), os.getpid(),
              socket.gethostname()))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the runs of this store keep their checkpoints: ``checkpoints/`` beside the store."""
+        return self.path.parent / "checkpoints"
+
+    def checkpoint_path(self, run_id: str) -> Path:
+        return self.checkpoint_dir / f"{run_id}.pt"
+
+    def resume_run(self, run: dict[str, Any], *, env: dict, curve: list[dict]) -> None:
+        """Make ``run`` (as read by ``get_run``: interrupted, failed or lost) ``running`` again, owned by this
+        process, with one more resume and its curve cut back to ``curve`` (the points its checkpoint
+        holds; those measured after it are measured again). One transaction; StoreError if another
+        process resumed the run since it was read."""
+        claim = ("UPDATE runs SET outcome = 'running', detail = NULL, time_to_accuracy_s = NULL, best_accuracy = NULL,"
+                 " summary_json = '{}', curve_json = '[]', env_json = ?, pid = ?, host = ?, resumes = resumes + 1"
+                 " WHERE id = ? AND (outcome IN ('interrupted', 'failed', 'lost')"
+                 " OR (outcome = 'running' AND pid IS ? AND host IS ?))")  # lost, not yet marked so
+        try:
+            with self._db:
+                claimed = self._db.execute(claim, (json.dumps(env), os.getpid(), socket.gethostname(), run["id"],
+                                                   run.get("pid"), run.get("host"))).rowcount
+                if claimed:
+                    self._db.execute("DELETE FROM run_points WHERE run_id = ?", (run["id"],))
+                    self._db.executemany("INSERT INTO run_points (run_id, point_json) VALUES (?, ?)",
+                                         [(run["id"], json.dumps(p)) for p in curve])
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write to the run store at {self.path}: {e} ({_remedy(e)})") from None
+        if not claimed:
+            raise StoreError(f"run {run['id']} was resumed or changed by another process meanwhile")
 
     def add_point(self, run_id: str, point: dict) -> None:
         """Append one evaluation point of a running run: a single INSERT, committed (WAL: no fsync)."""
@@ -228,8 +264,11 @@ class RunStore:
         run = dict(row)
         for key in ("recipe", "env", "curve", "summary"):
             run[key] = json.loads(run.pop(f"{key}_json"))
+        run.setdefault("resumes", 0)  # a store of an older schema opened read-only (not migrated)
         if run["outcome"] != "running":
+            run["resumable"] = run["outcome"] in RESUMABLE and self.checkpoint_path(run["id"]).is_file()
             return run
+        run["resumable"] = False
         run["curve"] = [json.loads(p) for (p,) in self._read(
             "SELECT point_json FROM run_points WHERE run_id = ? ORDER BY rowid", (run["id"],))]
         pid = run.get("pid")  # absent from a store of the first schema opened read-only (not migrated)
@@ -240,6 +279,7 @@ class RunStore:
                              f"outright, or the store could not be written); {len(run['curve'])} evaluation "
                              "point(s) kept")
             run["best_accuracy"] = max((p["accuracy"] for p in run["curve"]), default=None)
+            run["resumable"] = self.checkpoint_path(run["id"]).is_file()
         return run
 
     # ------------------------------------------------------------ ablations and run metrics

@@ -79,7 +79,8 @@ def test_bad_factories_are_refused_in_one_line_before_any_run(synthetic_dir, cap
 
 
 def test_techniques_needing_structure_are_refused_naming_the_missing_piece(synthetic_dir, capsys):
-    code = main(["train", "--data", str(synthetic_dir), "--model", "tests.own_models:tiny_net"])
+    # A recipe the user chose is refused; the data-sized default (no --recipe) leaves them out instead (test_sized).
+    code = main(["train", "--recipe", "fashion-mnist", "--data", str(synthetic_dir), "--model", "tests.own_models:tiny_net"])
     err = capsys.readouterr().err
     assert code == 2 and "patch-whitening" in err and "init_from_data" in err
     assert "--without patch-whitening" in err

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from speedrun.measure import flops
 from speedrun.models import build_model
 from speedrun.recipes import sized
 from speedrun.recipes.sized import sized_recipe
+from speedrun.store import RunStore
 
 from conftest import synthetic_images, write_idx_dataset
 
@@ -122,5 +124,71 @@ def test_sized_recipe_trains_well_above_chance(tmp_path, monkeypatch):
                                 eval__start_frac=1.0, threads=1)
     finally:
         torch.set_num_threads(threads)
-    assert result.steps == 40 and result.outcome == "budget_exhausted"
+    assert result.steps == 40 and result.outcome == "completed"  # no target: the schedule runs to its end
     assert result.final_accuracy >= 0.8  # chance: 0.25
+
+
+# ---- wired into train: `speedrun train --data PATH` without --recipe, and speedrun.train("sized", ...)
+
+def _gratings(tmp_path, n: int = 600, size: int = 12):
+    train_x, train_y = synthetic_images(n, classes=4, size=size, seed=0)
+    test_x, test_y = synthetic_images(200, classes=4, size=size, seed=1)
+    return write_idx_dataset(tmp_path / "gratings", train_x, train_y, test_x, test_y)
+
+
+def test_train_sizes_the_recipe_from_the_data_and_completes_without_a_target(tmp_path, monkeypatch):
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda *a, **k: 1e11)
+    data = _gratings(tmp_path)
+    result = speedrun.train("sized", data=data, store=tmp_path / "runs.sqlite", threads=1, train__epochs=2)
+    expected = sized_recipe(channels=1, image_size=(12, 12), train_images=600, num_classes=4, test_images=200,
+                            source=str(data))
+    assert result.recipe.model == expected.model and result.recipe.train.batch_size == expected.train.batch_size
+    assert result.recipe.train.epochs == 2 and "then set: train.epochs=2" in result.recipe.description
+    # No target: the whole (shortened) schedule runs, however high the accuracy, and nothing is "reached".
+    assert result.outcome == "completed" and result.time_to_accuracy_s is None
+    assert result.steps == math.ceil(2 * (600 // expected.train.batch_size))
+    assert result.final_accuracy is not None and result.prepare_s > 0  # prepared once, its time kept
+    run = RunStore(tmp_path / "runs.sqlite").get_run(result.run_id)
+    assert run["outcome"] == "completed" and run["recipe_name"] == "sized"
+    # A target given stops the clock at it, as with any recipe.
+    reached = speedrun.train("sized", data=data, store=None, threads=1, train__epochs=2, target=0.5)
+    assert reached.outcome == "reached" and reached.time_to_accuracy_s is not None
+
+
+def test_sized_leaves_out_what_a_users_model_cannot_host(tmp_path, monkeypatch):
+    """A default recipe adapts to the user's model; a recipe the user chose is refused instead."""
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda *a, **k: 1e11)
+    data = _gratings(tmp_path)
+
+    def net(in_channels, num_classes, image_size):
+        return torch.nn.Sequential(torch.nn.Conv2d(in_channels, 8, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
+
+    result = speedrun.train("sized", model=net, data=data, store=None, threads=1, train__epochs=1)
+    assert result.outcome == "completed"
+    assert "left out for model" in result.recipe.description and "patch-whitening" in result.recipe.description
+    assert result.recipe.model.stem != "whiten"
+    with pytest.raises(ConfigError, match="patch-whitening.*--without patch-whitening"):
+        speedrun.train(result.recipe.override({"model.stem": "whiten"}), model=net, data=data, store=None)
+
+
+def test_cli_defaults_to_sized_for_data_of_ones_own(tmp_path, monkeypatch, capsys):
+    from speedrun.cli import main
+
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda *a, **k: 1e11)
+    data = str(_gratings(tmp_path))
+    assert main(["train", "--data", data, "--threads", "1", "--set", "train.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "no --recipe: the recipe is sized from" in out and "completed its 1 epochs" in out
+    assert "final accuracy" in out and "evaluations" in out and "time-to-accuracy" not in out
+    assert main(["runs"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "sized" in line)
+    assert "completed" in row and "%" not in row.split("completed")[1].split("│")[1]  # no target shown
+    assert main(["recipes", "sized", "--data", data, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["batch_size"] == sized.batch_size_for(600)
+    # Bad input: one line, before anything trains.
+    assert main(["recipes", "sized"]) == 2
+    assert "give it with --data PATH" in capsys.readouterr().err
+    assert main(["train", "--data", data, "--set", "train.epoch=1"]) == 2
+    assert "unknown key 'train.epoch'" in capsys.readouterr().err
+    assert sized.default_recipe(None) == sized.default_recipe("fashion-mnist") == "fashion-mnist"

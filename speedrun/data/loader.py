@@ -7,7 +7,7 @@ fraction of a training step on CPU as on GPU.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -176,6 +176,8 @@ class ResidentLoader:
         self._scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, -1, 1, 1)
         self._shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
         self._gen = torch.Generator(device=device)
+        self._epoch, self._position = 0, 0  # where the training epoch being iterated stands
+        self._resume: tuple[int, int, Tensor] | None = None  # set by load_state_dict
         self._flip_base = None
         if self.flip and alternating_flip:
             self._flip_base = torch.rand(len(labels), device=device,
@@ -194,15 +196,19 @@ class ResidentLoader:
         return list(self._iter_slices())
 
     def _iter_slices(self) -> Iterator[slice]:
-        n, start = len(self.labels), 0
+        return (chunk for chunk, _ in self._positions())
+
+    def _positions(self, start: int = 0) -> Iterator[tuple[slice, int]]:
+        """This rank's batches from position ``start`` of the epoch's order, each with the position the
+        next step of all ranks starts at (a resumed epoch starts there)."""
+        n = len(self.labels)
         while start < n:
             size = self.batch_size
             if self.drop_last and start + size * self.world_size > n:
                 return
-            lo = min(start + self.rank * size, n)
+            lo, start = min(start + self.rank * size, n), start + size * self.world_size
             if lo < n:
-                yield slice(lo, min(lo + size, n))
-            start += size * self.world_size
+                yield slice(lo, min(lo + size, n)), start
 
     def __len__(self) -> int:
         return len(self._batch_slices())
@@ -226,12 +232,40 @@ class ResidentLoader:
         return order
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        order = self.epoch_order(epoch)
-        for chunk in self._iter_slices():  # lazily: the batch size may change between batches
+        order, start = self._begin(epoch)
+        for chunk, after in self._positions(start):  # lazily: the batch size may change between batches
             idx = chunk if order is None else order[chunk]
             x, y = self.images[idx], self.labels[idx]
             flips = None if self._flip_base is None else alternating_flip_mask(self._flip_base[idx], epoch)
-            yield self.transform(x, flips), y
+            x = self.transform(x, flips)
+            self._position = after
+            yield x, y
+
+    # A training loader is resumable (the pattern of torchdata's StatefulDataLoader): ``state_dict`` says
+    # where the epoch being iterated stands after the batches handed out so far (its position in the
+    # epoch's order and the augmentation generator's state); after ``load_state_dict`` the next
+    # ``epoch(e)`` of that epoch starts there, drawing the same augmentations as the uninterrupted run.
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "position": self._position, "generator": self._gen.get_state(),
+                "size": self.size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.size, self.batch_size = state["size"], state["batch_size"]
+        self._resume = (state["epoch"], state["position"], state["generator"])
+
+    def _begin(self, epoch: int) -> tuple[Tensor | None, int]:
+        """Start iterating ``epoch``: its order (seeding the generator) and the position to start at."""
+        order, start = self.epoch_order(epoch), 0
+        if self.train:
+            if self._resume is not None:
+                resumed, start, generator = self._resume
+                if resumed != epoch:
+                    raise RuntimeError(f"loader resumed at epoch {resumed} was asked for epoch {epoch}")
+                self._gen.set_state(generator)
+                self._resume = None
+            self._epoch, self._position = epoch, start
+        return order, start
 
     def transform(self, x: Tensor, flips: Tensor | None = None) -> Tensor:
         """Normalize and augment a uint8 batch; ``flips`` (a bool per image) replaces random flips."""

@@ -132,13 +132,15 @@ class StreamLoader(ResidentLoader):
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        order = self.epoch_order(epoch)  # on the device, from the same generator as the resident loader
+        order, start = self._begin(epoch)  # on the device, from the same generator as the resident loader
         host_order = None if order is None else order.cpu().numpy()
-        slices = self._batch_slices()  # fixed for the epoch: the reads run ahead (no batch scaling here)
+        # Fixed for the epoch: the reads run ahead (no batch scaling here).
+        batches = list(self._positions(start))
+        slices, positions = [chunk for chunk, _ in batches], [after for _, after in batches]
         rows = [np.arange(s.start, s.stop) if host_order is None else host_order[s] for s in slices]
         feed = Prefetcher(self._read, rows, depth=self.prefetch)
         try:
-            for s, (x, y, ready) in zip(slices, feed):
+            for s, after, (x, y, ready) in zip(slices, positions, feed):
                 if ready is not None:  # the copy ran on a side stream: order it before this stream's work
                     current = torch.cuda.current_stream(self._device)
                     current.wait_event(ready)
@@ -146,7 +148,9 @@ class StreamLoader(ResidentLoader):
                     y.record_stream(current)
                 idx = s if order is None else order[s]
                 flips = None if self._flip_base is None else alternating_flip_mask(self._flip_base[idx], epoch)
-                yield self.transform(x, flips), y
+                x = self.transform(x, flips)
+                self._position = after
+                yield x, y
         finally:
             feed.close()
 

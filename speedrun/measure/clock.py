@@ -21,6 +21,14 @@ class Clock:
         self._start, self._stopped_at, self.eval_s = time.perf_counter(), None, 0.0
         return self
 
+    def carry(self, elapsed_s: float, eval_s: float = 0.0) -> None:
+        """Count ``elapsed_s`` seconds, ``eval_s`` of them evaluating, as already run: the time a resumed
+        run spent in the processes before this one (the dead time between them is not counted)."""
+        if self._start is None:
+            raise RuntimeError("clock not started")
+        self._start -= elapsed_s
+        self.eval_s += eval_s
+
     def elapsed(self, *, sync: bool = True) -> float:
         """Seconds since start. ``sync=False`` skips waiting for queued device work: cheap enough
         for per-step checks (budgets, progress), exact only at the next synchronizing read."""

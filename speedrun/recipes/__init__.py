@@ -32,6 +32,9 @@ RECIPES: dict[str, RecipeSpec] = {spec.name: spec for spec in (
 
 
 def get_recipe(name: str) -> Recipe:
+    if name == "sized":
+        raise ConfigError("recipe 'sized' is made from a dataset's shape when a run starts: speedrun train "
+                          "--data PATH [--recipe sized], or speedrun.train('sized', data=PATH)")
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; built-in recipes: {', '.join(RECIPES)} "
                           "(or give a .toml file)")

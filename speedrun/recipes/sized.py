@@ -54,6 +54,7 @@ TTA_COST = 2 / 3
 # No known target: 1.0 cannot be reached, so the whole sized schedule runs and the run reports its final
 # accuracy; give a target (``--target``, ``target=``) to stop the clock at it instead.
 NO_TARGET = 1.0
+SIZED = "sized"  # the recipe name: speedrun train --data PATH without --recipe
 
 
 def pool_count(side: int) -> int:
@@ -137,7 +138,7 @@ def sized_recipe(*, channels: int, image_size: tuple[int, int], train_images: in
     evals = evaluations(train_images, test_images)
     every = (1 - EVAL_START_FRAC) / evals  # of the schedule, between evaluations
     recipe = Recipe(
-        name="sized",
+        name=SIZED,
         description=f"sized from {channels}x{image_size[0]}x{image_size[1]} px, {train_images:,} training images, "
                     f"{num_classes} classes: {steps:,} steps of {batch} ({epochs:.3g} epochs); whitened stem, "
                     "Muon, one-cycle, label smoothing, flips, flip-TTA",
@@ -175,3 +176,9 @@ def sized_for(images, *, source: str = "") -> Recipe:
     return sized_recipe(channels=images.channels, image_size=tuple(images.image_size),
                         train_images=len(images.train_labels), num_classes=images.num_classes,
                         test_images=len(images.test_labels), source=source)
+
+
+def default_recipe(data: str | None) -> str:
+    """The recipe ``speedrun train`` runs without ``--recipe``: ``fashion-mnist`` on its own dataset (and with
+    no ``--data``), ``sized`` on any other."""
+    return "fashion-mnist" if data in (None, "fashion-mnist") else SIZED

@@ -39,6 +39,14 @@ class Lookahead:
     def before_fit(self, state) -> None:
         self.slow = [t.detach().clone() for t in _averaged_tensors(state.model)]
 
+    def state_dict(self) -> dict:
+        return {"slow": self.slow}
+
+    @torch.no_grad()
+    def load_state_dict(self, saved: dict, state) -> None:
+        for s, t in zip(self.slow, saved["slow"], strict=True):
+            s.copy_(t)
+
     def after_step(self, state) -> None:
         if state.step % self.cfg.every and not state.at_end:
             return
@@ -95,6 +103,15 @@ class EMA:
         self._pairs = [(a, p) for a, p in zip(self.averaged.parameters(), self.live.parameters())]
         self._buffers = list(zip(self.averaged.buffers(), self.live.buffers()))
         self.remaining, self.last_step = 1.0, state.step
+
+    def state_dict(self) -> dict:
+        return {"averaged": self.averaged.state_dict(), "remaining": self.remaining, "last_step": self.last_step}
+
+    def load_state_dict(self, saved: dict, state) -> None:
+        self.averaged.load_state_dict(saved["averaged"])
+        self.remaining, self.last_step = saved["remaining"], saved["last_step"]
+        if self.remaining < 1.0:  # updated before the checkpoint: evaluations use the average
+            state.eval_model = self.averaged
 
     @torch.no_grad()
     def after_step(self, state) -> None:

@@ -60,12 +60,23 @@ class FreezeStem:
             raise ValueError(f"after_frac must be in [0, 1], got {after_frac}")
         self.params, self.after_frac = list(params), after_frac
         self.frozen: list[nn.Parameter] | None = None  # None until the freeze happens
+        self.from_image = 0  # images seen when it happened
 
     def before_batch(self, state) -> None:
         if self.frozen is None and state.progress >= self.after_frac:
-            self.frozen = freeze_(self.params)
-            state.extras["frozen_from_image"] = state.images_seen
-            state.extras["frozen_context"] = functools.partial(frozen, self.params)
+            self._freeze(state, state.images_seen)
+
+    def _freeze(self, state, from_image: int) -> None:
+        self.frozen, self.from_image = freeze_(self.params), from_image
+        state.extras["frozen_from_image"] = from_image
+        state.extras["frozen_context"] = functools.partial(frozen, self.params)
+
+    def state_dict(self) -> dict:
+        return {"frozen_from_image": None if self.frozen is None else self.from_image}
+
+    def load_state_dict(self, saved: dict, state) -> None:
+        if saved["frozen_from_image"] is not None:
+            self._freeze(state, saved["frozen_from_image"])
 
     def after_fit(self, state) -> None:
         for p in self.frozen or ():

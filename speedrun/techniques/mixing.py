@@ -57,6 +57,12 @@ class MixBatch:
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.rng = random.Random(seed)
 
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, saved: dict, state) -> None:
+        self.rng.setstate(saved["rng"])
+
     def before_batch(self, state) -> None:
         if self.rng.random() >= self.prob or not (self.mixup_alpha or self.cutmix_alpha):
             return

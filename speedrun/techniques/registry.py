@@ -520,6 +520,11 @@ def without(recipe: Recipe, names: Iterable[str]) -> Recipe:
     return recipe
 
 
+def unsupported(recipe: Recipe, model: Any) -> list[str]:
+    """Names of ``recipe``'s enabled techniques that need something ``model`` (a built module) lacks."""
+    return [t.name for t in enabled_records(recipe) if any(not CAPABILITIES[need][0](model) for need in t.needs)]
+
+
 def check_model(recipe: Recipe, model: Any, *, model_name: str) -> None:
     """Raise ConfigError, naming the missing piece, when an enabled technique needs something ``model``
     (a built module) lacks. Called on a probe model before a run's clock starts."""

@@ -84,6 +84,15 @@ class ProgressiveResize:
             self._peaks = [group["peak_lr"] for group in state.optimizer.param_groups]
         self._update(state)
 
+    def state_dict(self) -> dict:
+        # The loader's size and batch size are the loader's own state (it is checkpointed too).
+        return {"pixel_sum": self._pixel_sum, "images": self._images, "size": self._size,
+                "base_batch": self._base_batch, "batch": self._batch, "peaks": self._peaks}
+
+    def load_state_dict(self, saved: dict, state) -> None:
+        self._pixel_sum, self._images, self._size = saved["pixel_sum"], saved["images"], saved["size"]
+        self._base_batch, self._batch, self._peaks = saved["base_batch"], saved["batch"], list(saved["peaks"])
+
     def after_step(self, state) -> None:
         self._pixel_sum += (self._size / self.native) ** 2 * self._batch  # the batch this step trained on
         self._images += self._batch

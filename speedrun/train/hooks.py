@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -70,6 +70,18 @@ class Evaluator:
     def before_fit(self, state: FitState) -> None:
         self._last_step = state.schedule_step
         state.extras["clock"] = self.clock  # the run's clock, for hooks that judge elapsed time (speedrun tune)
+
+    def state_dict(self) -> dict:
+        return {"curve": [asdict(p) for p in self.curve], "best_accuracy": self.best_accuracy,
+                "last_eval_s": self._last_eval_s, "last_step": self._last_step, "loss_sum": self._loss_sum,
+                "loss_count": self._loss_count}
+
+    def load_state_dict(self, saved: dict, state: FitState) -> None:
+        self.curve = [EvalPoint(**p) for p in saved["curve"]]
+        self.best_accuracy, self._last_eval_s = saved["best_accuracy"], saved["last_eval_s"]
+        self._last_step, self._loss_sum, self._loss_count = saved["last_step"], saved["loss_sum"], saved["loss_count"]
+        if self.curve:
+            state.extras["last_accuracy"] = self.curve[-1].accuracy
 
     def after_loss(self, state: FitState) -> None:
         self._loss_sum = self._loss_sum + state.loss.detach().float()  # no device sync

@@ -4,6 +4,11 @@ The loop knows the events and the state, never a technique by name. A hook is an
 methods named after events, each taking the ``FitState``. Hooks stop the fit by raising
 ``StopFit``; ``after_*`` events run in reverse order so a hook can undo what its ``before_*``
 did. Per-event hook lists are built once, so an unused event costs nothing.
+
+A hook whose state a resumed fit needs (an average of the weights, a random generator, a tally)
+also has ``state_dict()`` and ``load_state_dict(state_dict, state)``, as Lightning's and fastai's
+callbacks do; the FitState is passed so a hook can re-apply what it keeps there (``eval_model``,
+``extras``). ``speedrun.train.checkpoint`` saves and restores them without knowing the hooks.
 """
 from __future__ import annotations
 
@@ -76,8 +81,15 @@ class FitState:
         return self.schedule_step / self.steps_per_epoch
 
 
-def fit(state: FitState, hooks: Sequence[object]) -> FitState:
-    """Train until ``max_steps`` or until a hook raises StopFit; Ctrl-C ends it as ``interrupted``."""
+def fit(state: FitState, hooks: Sequence[object], *, restore: Callable[[FitState], None] | None = None
+        ) -> FitState:
+    """Train until ``max_steps`` or until a hook raises StopFit; Ctrl-C ends it as ``interrupted``.
+
+    ``restore`` continues a checkpointed fit (``speedrun.train.checkpoint``): it is called after
+    ``before_fit``, once every hook has set itself up as for a new fit, and overwrites the model,
+    optimizer, counters, loader position, RNGs and hook states with the saved ones; the loop then
+    picks up at the step after the checkpoint (``before_epoch`` fires again for the epoch it is in).
+    """
     table = {event: [getattr(h, event) for h in hooks if hasattr(h, event)] for event in EVENTS}
     for event in EVENTS:
         if event.startswith("after_"):
@@ -91,6 +103,8 @@ def fit(state: FitState, hooks: Sequence[object]) -> FitState:
     model.train()
     try:
         fire("before_fit")
+        if restore is not None:
+            restore(state)
         while not state.at_end:
             fire("before_epoch")
             for state.inputs, state.targets in state.loader.epoch(state.epoch):

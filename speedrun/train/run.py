@@ -6,7 +6,8 @@ import importlib
 import math
 import re
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from speedrun import data as datalib
-from speedrun.config import ConfigError, Recipe
+from speedrun.config import ConfigError, DataConfig, Recipe
 from speedrun.data.split import Holdout, holdout
 from speedrun.env import compile_problem, environment, resolve_precision
 from speedrun.inference import Classifier
@@ -23,16 +24,19 @@ from speedrun.measure.clock import Clock
 from speedrun.measure.flops import count_train_flops, matmul_peak, precision_dtype
 from speedrun.measure.peak import theoretical_peak
 from speedrun.models import ModelArg, build_model, check_model_config, check_output, is_import_path, model_label
-from speedrun.store import RunStore, StoreError, new_run_id
+from speedrun.recipes.sized import NO_TARGET, SIZED, sized_for
+from speedrun.store import RESUMABLE, RunStore, StoreError, new_run_id
 from speedrun.techniques import registry
 from speedrun.techniques.optimizers import build_optimizer
 from speedrun.techniques.schedules import LRSchedule
+from speedrun.train import checkpoint
 from speedrun.train.assembly import Assembly
 from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget, evaluate
 from speedrun.train.loop import FitState, fit
 
 # Fit-hook positions of the trainer's own hooks, among the techniques' (speedrun.techniques.registry).
 ORDER_SCHEDULE, ORDER_GUARD, ORDER_EVAL, ORDER_USER, ORDER_BUDGET, ORDER_PROGRESS = 30, 40, 50, 85, 90, 95
+ORDER_CHECKPOINT = 0  # first, so its after_step runs last: a checkpoint holds what every hook did after the step
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,11 @@ class TrainResult:
     # test_accuracy is None when the run may not read the test split (speedrun tune's trials).
     val_accuracy: float | None = None
     test_accuracy: float | None = None
+    resumes: int = 0  # times the run was continued from a checkpoint (its clock carries the time before)
+    checkpoints_written: int = 0  # over the whole run, resumes included (speedrun.train.checkpoint)
+    checkpoint_s: float = 0.0  # spent writing them, inside the clock
+    checkpoint_bytes: int = 0  # size of the last one
+    checkpoint_error: str | None = None  # a checkpoint that could not be written
 
     @property
     def reached(self) -> bool:
@@ -163,11 +172,39 @@ def _store_for(store: RunStore | str | Path | bool | None) -> RunStore | None:
     return RunStore(default_store() if store is True else store)
 
 
+def _open_resume(run_id: str, store: RunStore | str | Path | bool | None, device: str, model: ModelArg, *,
+                 changes: bool) -> checkpoint.Resume:
+    """The run to resume and its checkpoint, or a one-line error: what a resume cannot take is refused."""
+    if changes:
+        raise ConfigError(f"a resumed run continues as it was recorded: run {run_id} takes no recipe overrides, "
+                          "data, target or techniques left out")
+    run_store = _store_for(store)
+    if run_store is None:
+        raise ConfigError(f"resuming run {run_id} needs the run store that recorded it")
+    resumed = checkpoint.open_resume(run_store, run_id)
+    if device != "auto" and resolve_device(device).type != resumed.device:
+        raise ConfigError(f"run {resumed.run_id} trained on {resumed.device}: it resumes there "
+                          f"(--device {resumed.device}), where its random generators' states apply")
+    recorded = resumed.run["recipe"]["model"]["name"]
+    if model is not None and model_label(model) != recorded:
+        raise ConfigError(f"run {resumed.run_id} was trained with model {recorded}, not {model_label(model)}")
+    return resumed
+
+
+def _resume_note(resumed: checkpoint.Resume) -> dict[str, Any]:
+    """What the store's env keeps of each resume: when, and from which step and clock time."""
+    fit = resumed.payload["fit"]["counters"]
+    return {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "step": fit["step"],
+            "epoch": fit["epoch"], "clock_s": resumed.payload["clock"]["elapsed_s"],
+            "checkpoint_written_at": resumed.payload["written_at"], "from_outcome": resumed.run["outcome"]}
+
+
 def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = None, data: str | Path | None = None,
           target: float | None = None, seed: int = 0, budget: str | float | Budget | None = None,
           device: str = "auto", threads: int | None = None, store: RunStore | str | Path | bool | None = True,
           progress: bool = False, stop_at_target: bool = True, group_id: str | None = None,
           without: Sequence[str] = (), hooks: Sequence[object] = (), read_test: bool = True,
+          resume: str | None = None,
           overrides: Mapping[str, Any] | None = None, **kw_overrides: Any) -> TrainResult:
     """Train ``recipe`` until held-out accuracy reaches ``target`` (default: the recipe's), and time it.
 
@@ -182,17 +219,40 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     (``train__epochs=3``). The run is recorded in ``store`` (the default store, a path, a RunStore,
     or None); a store that cannot be written raises StoreError before training starts.
 
+    ``resume``: the id of an interrupted, lost or failed run of ``store`` to continue from its checkpoint
+    (``speedrun.train.checkpoint``), in the same store row; its recipe, seed, target and budget are the
+    recorded ones, so ``recipe``, overrides, ``data``, ``target`` and ``without`` are not taken. Its clock
+    carries the time before (the dead time between is not counted). ``model`` and ``hooks`` must be
+    given again as the run was started, when it was started with them.
+
     >>> result = speedrun.train("fashion-mnist", train__epochs=1, target=0.85)  # doctest: +SKIP
     >>> result.time_to_accuracy_s, result.predict(images)  # doctest: +SKIP
     """
     values = dict(overrides or {})
     values.update({k.replace("__", "."): v for k, v in kw_overrides.items()})
+    resumed: checkpoint.Resume | None = None
+    if resume is not None:
+        resumed = _open_resume(resume, store, device, model, changes=bool(values or without) or data is not None
+                               or target is not None)
+        recipe, seed, group_id, device = resumed.recipe, resumed.run["seed"], resumed.run["group_id"], resumed.device
+        settings = resumed.payload["settings"]
+        budget, stop_at_target = Budget(**settings["budget"]), settings["stop_at_target"]
+        model = None if isinstance(model, str) else model  # the recorded model.name stands
     if data is not None:
         values["data.source"] = str(data)
     if target is not None:
         values["target"] = target
     if model is not None:
         values["model.name"] = model_label(model)
+    prepared: datalib.Prepared | None = None
+    sized = resumed is None and not isinstance(recipe, Recipe) and str(recipe) == SIZED
+    if sized:  # made from the data's shape: the data is prepared first (timed as ever, outside the clock)
+        data_config = Recipe(name=SIZED).override({k: v for k, v in values.items() if k.startswith("data.")}).data
+        prepared, mapped = prepare_data(data_config)
+        recipe = sized_for(mapped, source=data_config.source)
+        if changed := {k: v for k, v in values.items() if k not in ("target", "model.name") and not k.startswith("data.")}:
+            recipe = replace(recipe, description=f"{recipe.description}; then set: "
+                                                 + ", ".join(f"{k}={v}" for k, v in changed.items()))
     recipe = registry.without(resolve_recipe(recipe).override(values), without)
     budget = Budget.parse(budget)
     dev = resolve_device(device)
@@ -210,22 +270,29 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     if not recipe.data.source:
         raise ConfigError(f"recipe {recipe.name} names no dataset: give one with --data PATH "
                           "(or data.source), e.g. an image-folder tree train/<class>/*.jpg with val/ beside it")
-    folder_options = {"max_size": recipe.data.max_size} if recipe.data.max_size else {}
-    source = datalib.resolve(recipe.data.source, **folder_options)
-    prepared = datalib.prepare(source)
-    mapped = datalib.load_prepared(prepared.directory, mmap=True)
-    check_run(recipe, mapped, source_model)
+    if prepared is None:
+        prepared, mapped = prepare_data(recipe.data)
+    recipe = check_run(recipe, mapped, source_model, adapt=sized)
 
     env = {**environment(dev), "precision": precision}
     if recipe.data.val_frac:  # recorded when the run starts: the same rows for every seed (speedrun.data.split)
         env["val_split"] = holdout(mapped.train_labels, recipe.data.val_frac).describe()
-    run_store = _store_for(store)
-    run_id = new_run_id()
-    if run_store:
+    run_store = resumed.store if resumed else _store_for(store)
+    run_id = resumed.run_id if resumed else new_run_id()
+    if resumed:  # the same row, running again; what the run recorded about its earlier processes is kept
+        env = {**env, "resumed": [*resumed.run["env"].get("resumed", []), _resume_note(resumed)]}
+        run_store.resume_run(resumed.run, env=env, curve=resumed.payload["curve"])
+    elif run_store:
         run_store.start_run(run_id=run_id, recipe_name=recipe.name, recipe=recipe.to_dict(), env=env,
                             target=recipe.target, seed=seed, group_id=group_id)
 
     clock = Clock(sync=torch.cuda.synchronize if dev.type == "cuda" else None)
+    checkpointer = None
+    if run_store and recipe.train.checkpoint_every_s > 0:
+        checkpointer = checkpoint.Checkpointer(
+            run_store.checkpoint_path(run_id), every_s=recipe.train.checkpoint_every_s, clock=clock,
+            settings={"budget": asdict(budget), "stop_at_target": stop_at_target, "device": dev.type},
+            **(resumed.payload["checkpoints"] if resumed else {}))
     on_point = _point_recorder(run_store, run_id) if run_store else None
     state: FitState | None = None
     evaluator: Evaluator | None = None
@@ -236,10 +303,13 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     # run of each process (every `speedrun train`) and not in later ones.
     importlib.import_module("torch._dynamo")
     clock.start()  # MLPerf: before the dataset is touched
+    if resumed:
+        clock.carry(resumed.elapsed_s, resumed.eval_s)
     try:
         parts = build_parts(recipe, prepared.directory, dev, precision, seed, model=source_model,
                             read_test=read_test)
-        state, evaluator = _fit(recipe, parts, dev, budget, clock, progress, stop_at_target, on_point, hooks)
+        state, evaluator = _fit(recipe, parts, dev, budget, clock, progress, stop_at_target, on_point, hooks,
+                                checkpointer=checkpointer, resume=resumed.payload["fit"] if resumed else None)
     except KeyboardInterrupt:
         error = "interrupted before training started"
     except Exception as e:  # recorded as a failed run, never lost
@@ -249,6 +319,12 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
 
     result = _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, total, dev, precision,
                      env, error)
+    result.resumes = resumed.run["resumes"] + 1 if resumed else 0
+    if checkpointer:
+        result.checkpoints_written, result.checkpoint_s = checkpointer.written, checkpointer.seconds
+        result.checkpoint_bytes, result.checkpoint_error = checkpointer.bytes, checkpointer.error
+        if result.outcome not in RESUMABLE and not recipe.train.keep_checkpoint:  # ended by itself
+            checkpoint.remove(checkpointer.path)
     if run_store:
         try:
             run_store.finish_run(run_id, outcome=result.outcome, detail=result.detail,
@@ -259,9 +335,35 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     return result
 
 
-def check_run(recipe: Recipe, images: datalib.ImageSet, model: Callable[..., nn.Module] | nn.Module | None) -> None:
+def resume_or_train(store: RunStore, run_id: str | None, *args: Any, **kwargs: Any) -> TrainResult:
+    """Continue stored run ``run_id`` from its checkpoint when it can be (``checkpoint.resume_problem``),
+    else ``train(*args, **kwargs)`` afresh: how ``ablate`` (and a tuner) redo a run an interruption cut
+    short without repeating its work. A resume takes only ``device``, ``threads``, ``progress``, ``model``
+    and ``hooks`` of ``kwargs``; the recipe, seed and budget are the run's own."""
+    if run_id is not None:
+        try:
+            run = store.get_run(run_id)
+        except StoreError:
+            run = None
+        if run is not None and checkpoint.resume_problem(run) is None:
+            keep = ("device", "threads", "progress", "model", "hooks")
+            return train(resume=run["id"], store=store, **{k: v for k, v in kwargs.items() if k in keep})
+    return train(*args, store=store, **kwargs)
+
+
+def prepare_data(data: DataConfig) -> tuple[datalib.Prepared, datalib.ImageSet]:
+    """One-time preparation of ``data.source`` (cached; timed in ``prepare_s``), and the cache memory-mapped."""
+    folder_options = {"max_size": data.max_size} if data.max_size else {}
+    prepared = datalib.prepare(datalib.resolve(data.source, **folder_options))
+    return prepared, datalib.load_prepared(prepared.directory, mmap=True)
+
+
+def check_run(recipe: Recipe, images: datalib.ImageSet, model: Callable[..., nn.Module] | nn.Module | None, *,
+              adapt: bool = False) -> Recipe:
     """Refuse, before the clock starts, what would only fail inside it: a batch larger than the training
-    set, a model that does not fit the data, a technique the model lacks the structure for.
+    set, a model that does not fit the data, a technique the model lacks the structure for. Returns
+    ``recipe``; with ``adapt`` (a default recipe, not one the user chose) the techniques the model lacks
+    the structure for are left out instead, and its description says so.
 
     The model is checked on a probe built here (on the CPU, from the same factory), so a run's own model
     is still built inside the clock; a user's module is checked as it is.
@@ -277,7 +379,12 @@ def check_run(recipe: Recipe, images: datalib.ImageSet, model: Callable[..., nn.
         probe = model if isinstance(model, nn.Module) else build_model(recipe.model, factory=model, **dims)
     if model is not None or is_import_path(recipe.model.name):  # registered models are known to fit
         check_output(probe, recipe.model.name, **dims)
+    if adapt and (left_out := registry.unsupported(recipe, probe)):
+        recipe = registry.without(recipe, left_out)
+        recipe = replace(recipe, description=f"{recipe.description}; left out for model {recipe.model.name}: "
+                                             f"{', '.join(left_out)}")
     registry.check_model(recipe, probe, model_name=recipe.model.name)
+    return recipe
 
 
 def _point_recorder(store: RunStore, run_id: str) -> Callable[[EvalPoint], None]:
@@ -399,7 +506,9 @@ def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: s
 
 def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock: Clock, progress: bool,
          stop_at_target: bool, on_point: Callable[[EvalPoint], None] | None,
-         user_hooks: Sequence[object]) -> tuple[FitState, Evaluator]:
+         user_hooks: Sequence[object], *, checkpointer: checkpoint.Checkpointer | None = None,
+         resume: Mapping[str, Any] | None = None) -> tuple[FitState, Evaluator]:
+    """Run the fit; ``resume``: the fit state of a checkpoint to continue from (``checkpoint.snapshot``)."""
     spe = len(parts.train_loader)
     schedule_steps = max(1, math.ceil(recipe.train.epochs * spe))
     max_steps = schedule_steps if budget.epochs is None else min(schedule_steps, math.ceil(budget.epochs * spe))
@@ -409,7 +518,7 @@ def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock:
                      step_images=recipe.train.batch_size,  # the schedule counts images
                      extras={"loader": parts.loader_kind})
     ev = recipe.eval
-    evaluator = Evaluator(parts.eval_loader(ev.split), clock=clock, target=recipe.target if stop_at_target else None,
+    evaluator = Evaluator(parts.eval_loader(ev.split), clock=clock, target=recipe.target if stop_at_target and recipe.target < NO_TARGET else None,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
                           every_s=ev.every_s, start_step=math.ceil(ev.start_frac * schedule_steps),
                           tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px, on_point=on_point)
@@ -420,7 +529,13 @@ def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock:
         hooks.append((ORDER_BUDGET, TimeBudget(budget.seconds, clock)))
     if progress:
         hooks.append((ORDER_PROGRESS, ProgressBar(clock)))
-    fit(state, [h for _, h in sorted(hooks, key=lambda pair: pair[0])])  # stable: equal orders keep their order
+    if checkpointer is not None:
+        hooks.append((ORDER_CHECKPOINT, checkpointer))
+    ordered = [h for _, h in sorted(hooks, key=lambda pair: pair[0])]  # stable: equal orders keep their order
+    if checkpointer is not None:
+        checkpointer.bind(ordered, lambda: [asdict(p) for p in evaluator.curve])
+    fit(state, ordered, restore=None if resume is None else functools.partial(checkpoint.restore, hooks=ordered,
+                                                                                saved=resume))
     state.extras["example"] = next(evaluator.loader.epoch(0))[0][:2]
     return state, evaluator
 
@@ -452,7 +567,11 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, tota
             error) -> TrainResult:
     outcome = "failed" if error and "interrupted" not in error else "interrupted" if error else state.outcome
     detail = error or state.detail
-    if outcome == "completed":
+    if outcome == "completed" and recipe.target >= NO_TARGET and state.schedule_step >= state.schedule_steps:
+        final = evaluator.curve[-1].accuracy if evaluator.curve else None
+        detail = (f"completed its {recipe.train.epochs:.3g} epochs" + (f" at {final:.2%}" if final is not None else "")
+                  + " (no target set)")
+    elif outcome == "completed":
         best = evaluator.best_accuracy
         outcome = "budget_exhausted"
         detail = (f"schedule of {recipe.train.epochs:g} epochs ended at {best:.2%} < target {recipe.target:.2%}"
