@@ -201,8 +201,7 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     if not recipe.data.source:
         raise ConfigError(f"recipe {recipe.name} names no dataset: give one with --data PATH "
                           "(or data.source), e.g. an image-folder tree train/<class>/*.jpg with val/ beside it")
-    folder_options = {"max_size": recipe.data.max_size} if recipe.data.max_size else {}
-    source = datalib.resolve(recipe.data.source, **folder_options)
+    source = datalib.resolve(recipe.data.source, **datalib.source_options(recipe.data))
     prepared = datalib.prepare(source)
     check_run(recipe, datalib.load_prepared(prepared.directory, mmap=True), source_model)
 
@@ -287,6 +286,8 @@ def build_loaders(recipe: Recipe, directory: Path, dev: torch.device, seed: int)
     ``kind`` is what ``data.loader`` resolved to; ``images`` holds memory maps when it is ``stream``.
     """
     images = datalib.load_prepared(directory, mmap=True)  # reads no pixels yet
+    if images.layout != "square":  # images of their own sizes: crops made per batch (data/crops.py)
+        return datalib.crop_loaders(recipe, images, directory, dev, seed)
     kind = datalib.choose_loader(recipe.data.loader, images.nbytes, dev)
     if kind == "stream" and recipe.data.resize_scale_batch:
         raise ConfigError("data.resize_scale_batch needs the resident loader (the stream loader reads batches "
@@ -374,7 +375,7 @@ def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock:
     if progress:
         hooks.append((ORDER_PROGRESS, ProgressBar(clock)))
     fit(state, [h for _, h in sorted(hooks, key=lambda pair: pair[0])])  # stable: equal orders keep their order
-    state.extras["example"] = next(parts.test_loader.epoch(0))[0][:2]
+    state.extras["example"] = parts.train_loader.example(2)
     return state, evaluator
 
 
@@ -427,7 +428,7 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, tota
         model = parts.model.eval()
         images, ev = parts.images, recipe.eval
         classifier = Classifier(model, classes=images.classes, mean=images.mean, std=images.std,
-                                image_size=images.image_size, tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px,
+                                image_size=parts.test_loader.image_size, tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px,
                                 channels_last=recipe.train.channels_last, precision=precision,
                                 recipe=recipe.to_dict(), info={"run_id": run_id, "seed": seed,
                                                                "dataset": images.name, "outcome": outcome,
