@@ -158,3 +158,39 @@ def test_sample_and_example_are_centre_crops_at_the_crop_size():
     loader = _loader(images, train=True, rrc_scale=(0.1, 1.0), size=12)
     assert loader.sample(10).shape == (3, 3, 12, 12) and loader.example(2).shape == (2, 3, 12, 12)
     assert loader.image_size == (12, 12)
+
+
+def test_fixres_evaluates_at_the_test_resolution_and_its_ablation_at_the_training_size(tmp_path):
+    from speedrun.data.sources import prepare, resolve
+    from speedrun.recipes import get_recipe
+    from speedrun.techniques.registry import TECHNIQUES, without
+    from speedrun.train.run import build_loaders
+    from tests.conftest import write_image
+
+    rng = np.random.default_rng(9)
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                write_image(tmp_path / "t" / split / cls / f"{i}.png", rng.integers(0, 256, (30 + i, 44, 3)))
+    recipe = get_recipe("imagewoof").override({"data.max_size": 32, "data.crop_size": 16, "eval.crop_size": 24,
+                                               "eval.crop_frac": 0.75, "eval.batch_size": 4})
+    assert TECHNIQUES["fixres"].enabled(recipe)
+    plain = without(recipe, ["fixres"])
+    assert not TECHNIQUES["fixres"].enabled(plain) and plain.eval.crop_size == 0
+    assert [t for t in TECHNIQUES.values() if t.enabled(recipe) != t.enabled(plain)] == [TECHNIQUES["fixres"]]
+    directory = prepare(resolve(str(tmp_path / "t"), layout="aspect", max_size=32)).directory
+    sizes = {}
+    for r in (recipe, plain):
+        images, train, test, kind = build_loaders(r, directory, torch.device("cpu"), seed=0)
+        assert kind == "resident" and images.image_size == (16, 16) and train.image_size == (16, 16)
+        x, _ = next(test.epoch(0))
+        sizes[r.eval.crop_size] = x.shape[-1]
+        side = resized_side(x.shape[-1], r.eval.crop_frac)
+        first = test.store[0].numpy()
+        h, w = first.shape[1:]  # 30x44: resize to side x int(side * 44 / 30), then the centre crop
+        resized = _resize(first, (side, int(side * w / h)))
+        top, left = round((side - x.shape[-1]) / 2), round((resized.shape[-1] - x.shape[-1]) / 2)
+        reference = resized[:, top:top + x.shape[-1], left:left + x.shape[-1]]
+        pixels = x[0] * torch.tensor(images.std)[:, None, None] * 255 + torch.tensor(images.mean)[:, None, None] * 255
+        assert (pixels - reference).abs().max() < 1.01
+    assert sizes == {24: 24, 0: 16}  # the test resolution; without FixRes, the training size
