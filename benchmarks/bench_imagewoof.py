@@ -56,6 +56,8 @@ LEADERBOARD = (0.766, 0.863)  # fast.ai's Imagewoof, 128 px: 5 epochs 76.6%, 20 
 GIB = 1 << 30
 
 # Recipe candidates for `dev`: overrides of `imagewoof`, compared on the held-out tenth of the training set.
+# On a loaded machine, compare them on a cheaper proxy (--set for every run), e.g. PROXY below.
+PROXY = {"model.widths": "32,64,128,256", "data.crop_size": 96, "eval.crop_size": 120, "train.epochs": 4}
 CANDIDATES: dict[str, dict[str, object]] = {
     "recipe": {},
     "lr1": {"optim.lr": 1.0},
@@ -101,9 +103,11 @@ def extracted(archive: Path) -> Path:
 def dev_tree(archive: Path, frac: float = 0.1) -> Path:
     """A tree of links: train/ = 90% of each class's training images, val/ = the other 10% (chosen by
     name hash, as speedrun's holdout_split), so recipes are chosen without the validation images."""
+    from speedrun import paths
+
     root = extracted(archive)
     digest = hashlib.sha256(f"{root}:{frac}".encode()).hexdigest()[:12]
-    tree = root.parent / f"{root.name}-dev-{digest}"
+    tree = paths.cache_dir() / "dev-splits" / f"{root.name}-{digest}"  # not beside the extracted tree
     if (tree / ".done").is_file():
         return tree
     shutil.rmtree(tree, ignore_errors=True)
@@ -311,8 +315,9 @@ def part_fixres(args) -> str:
     data = datalib.load_prepared(datalib.prepare(datalib.resolve(str(tree), layout="aspect", max_size=160)).directory)
     images = data.test_images.to("cpu")
     rows = []
-    for size, frac in ((train_size, 0.875), (train_size, 1.0), (144, 1.0), (160, 0.875), (160, 1.0), (176, 1.0),
-                       (192, 1.0)):
+    tests = [(train_size, 0.875)] + [(8 * round(train_size * k / 8), 1.0) for k in (1, 1.125, 1.25, 1.375, 1.5)]
+    tests += [(8 * round(train_size * 1.25 / 8), 0.875)]
+    for size, frac in sorted(tests):
         loader = CropLoader(images, data.test_labels, size=size, crop_frac=frac, train=False, batch_size=128,
                             mean=data.mean, std=data.std, channels_last=True, workers=2)
         acc, loss = evaluate(model, loader)

@@ -3,6 +3,7 @@ greyscale, EXIF-rotated, progressive, 16-bit, smaller than the crop), and traini
 including a slice of the real Imagewoof archive."""
 from __future__ import annotations
 
+import json
 import os
 import struct
 import tarfile
@@ -166,7 +167,7 @@ def test_too_large_and_bad_images_are_skipped_and_named(tmp_path, monkeypatch, c
                            "over 2,000 pixels (Pillow's limit against decompression bombs)), train/b/broken.jpg (")
 
 
-def test_images_smaller_than_the_crop_train_and_evaluate(tmp_path):
+def test_images_smaller_than_the_crop_train_and_evaluate(tmp_path, capsys):
     import speedrun
 
     root = _tree(tmp_path / "small", {"train/a": [(9, 7)] * 6 + [(40, 30)] * 2, "train/b": [(5, 11)] * 8,
@@ -177,6 +178,12 @@ def test_images_smaller_than_the_crop_train_and_evaluate(tmp_path):
     assert result.outcome == "budget_exhausted", result.detail
     assert result.classifier.image_size == (32, 32)  # what evaluations fed the model: the test resolution
     assert result.predict(np.zeros((2, 3, 32, 32), np.uint8)).shape == (2, 2)
+    from speedrun.cli import main
+
+    result.save(tmp_path / "model.pt")
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "model.pt"), "--data", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == result.curve[-1].accuracy  # the same crops
 
 
 def test_a_file_that_breaks_after_preparing_is_skipped_and_named_while_training(tmp_path, capsys):

@@ -64,11 +64,12 @@ def _print_info(info: dict[str, Any]) -> None:
     layout = info.get("layout", "square")
     if layout != "square" and info["shape"]:
         max_size = details.get("options", {}).get("max_size")
-        shorter = details.get("shorter_side") or ["?", "?"]
+        lo, hi = details.get("shorter_side") or ("?", "?")
         kept = "stored" if layout == "aspect" else "decoded as training reads the files"
-        shape = (f"{info['shape'][0]} channels, each image's aspect kept, its shorter side capped at {max_size} px "
-                 f"({kept}; shorter sides in the source {shorter[0]}-{shorter[1]} px, aspect up to "
-                 f"{details.get('max_aspect', 0):.2f}); cropped to {info['shape'][1]}x{info['shape'][2]} by default")
+        shape = (f"{info['shape'][0]} channels, aspect kept, shorter side capped at {max_size} px ({kept}; in the "
+                 f"source: shorter sides {lo if lo == hi else f'{lo}-{hi}'} px, aspect ratios up to "
+                 f"{details.get('max_aspect', 0):.2f}); cropped to {info['shape'][1]}x{info['shape'][2]} unless "
+                 "data.crop_size says otherwise")
     prepared = "-" if info["prepare_s"] is None else f"{info['created'] or '-'} in {info['prepare_s']:.1f} s"
     if "decode_images_per_s" in details:
         # caches prepared before decoding moved to threads name their worker processes
