@@ -182,27 +182,44 @@ def _loader_rate(loader: CropLoader, batches: int, epoch: int = 0) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _step_rate(recipe, size: int, steps: int) -> float:
-    """Training images/s of the recipe's model at ``size`` px, its batch, channels_last, fp32."""
-    from speedrun.models import build_model
-    from speedrun.techniques.label_smoothing import smoothed_cross_entropy
-    from speedrun.techniques.optimizers import build_optimizer
+class _Stepper:
+    """Training steps of the recipe's model (channels_last, fp32, its optimizer and label smoothing)."""
 
-    model = build_model(recipe.model, in_channels=3, num_classes=10, image_size=(size, size))
-    model = model.to(memory_format=torch.channels_last).train()
-    opt = build_optimizer(model, recipe)
-    bs = recipe.train.batch_size
-    x = torch.randn(bs, 3, size, size).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (bs,))
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        loss = smoothed_cross_entropy(model(x), y, 0.1)
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, recipe, size: int) -> None:
+        from speedrun.models import build_model
+        from speedrun.techniques.optimizers import build_optimizer
+
+        torch.manual_seed(0)
+        model = build_model(recipe.model, in_channels=3, num_classes=10, image_size=(size, size))
+        self.model = model.to(memory_format=torch.channels_last).train()
+        self.opt, self.size, self.batch = build_optimizer(self.model, recipe), size, recipe.train.batch_size
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        from speedrun.techniques.label_smoothing import smoothed_cross_entropy
+
+        loss = smoothed_cross_entropy(self.model(x), y, 0.1)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return bs / statistics.median(times[1:])
+        self.opt.step()
+
+    def rate(self, batches, steps: int) -> float:
+        """Images/s of ``steps`` steps over ``batches`` (a list, or a loader's epoch: its time included),
+        after one warm-up step."""
+        it = iter(batches)
+        self.step(*next(it))
+        t0, n = time.perf_counter(), 0
+        for _, (x, y) in zip(range(steps), it):
+            self.step(x, y)
+            n += len(y)
+        return n / (time.perf_counter() - t0)
+
+
+def _step_rate(recipe, size: int, steps: int) -> float:
+    """Training images/s of the recipe's model at ``size`` px on random batches."""
+    stepper = _Stepper(recipe, size)
+    x = torch.randn(stepper.batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (stepper.batch,))
+    return stepper.rate([(x, y)] * (steps + 1), steps)
 
 
 def part_loader(args) -> str:
@@ -214,8 +231,17 @@ def part_loader(args) -> str:
     ways = [("per image, 1 thread", dict(workers=1)), ("per image, 2 threads", dict(workers=2)),
             ("per image, 2 threads, prefetch thread", dict(workers=2, prefetch=2)),
             ("batched matmuls (a device's way)", dict(workers=1, batched=True))]
-    step = _step_rate(recipe, 128, args.steps)
+    stepper = _Stepper(recipe, 128)
+    made = CropLoader(ram, data.train_labels, size=128, workers=2, **train)
+    listed = [b for _, b in zip(range(args.steps + 1), made.epoch(0))]
+    step = stepper.rate(listed, args.steps)
     say(f"imagewoof training step at 128 px: {step:.1f} images/s")
+    loop = []
+    for name, prefetch in (("made when asked for", 0), ("made by a prefetch thread, 2 ahead", 2)):
+        loader = CropLoader(ram, data.train_labels, size=128, workers=2, prefetch=prefetch, **train)
+        rate = stepper.rate(loader.epoch(1), args.steps)
+        loop.append(f"| {name} | {rate:.1f} | {step / rate - 1:+.1%} |")
+        say(loop[-1])
     rows = []
     for name, options in ways:
         rate = _loader_rate(CropLoader(ram, data.train_labels, size=128, **train, **options), args.batches)
@@ -236,7 +262,10 @@ def part_loader(args) -> str:
                     f"thread | {rate:,.0f} | {step / rate:.1%} |")
         say(rows[-1])
     return "\n".join([f"Training step of `imagewoof`'s ResNet-18 at 128 px, batch {recipe.train.batch_size}, fp32, "
-                      f"channels_last: **{step:.1f} images/s** (median of {args.steps} steps).", "",
+                      f"channels_last: **{step:.1f} images/s** over {args.steps} steps on batches made beforehand. "
+                      "The same steps pulling training crops (per image, 2 threads) from the loader:", "",
+                      "| crops | images/s in the loop | step time added |", "|---|---|---|", *loop, "",
+                      "Loaders alone (no training):", "",
                       "| batches | made by | images/s | loader time / step time |", "|---|---|---|---|", *rows])
 
 

@@ -253,3 +253,34 @@ def test_real_imagewoof_slice_prepares_and_trains_end_to_end(imagewoof_slice):
                                            "eval.crop_size": 80, "eval.batch_size": 30})
         assert result.outcome == "budget_exhausted" and result.steps == 7, (recipe, result.detail)
         assert result.classifier.image_size == (80, 80) and result.curve[-1].accuracy >= 0
+
+
+def test_streamed_and_resident_crops_are_the_same_batches(tmp_path):
+    import torch
+
+    from speedrun.recipes import get_recipe
+    from speedrun.train.run import build_loaders
+
+    root = _tree(tmp_path / "t", SIZES)
+    directory = prepare(resolve(str(root), layout="aspect", max_size=16)).directory
+    batches = {}
+    for kind in ("resident", "stream"):
+        recipe = get_recipe("imagewoof").override({"data.loader": kind, "data.max_size": 16, "train.batch_size": 2})
+        _, train, test, got = build_loaders(recipe, directory, torch.device("cpu"), seed=1)
+        assert got == kind
+        batches[kind] = [x for x, _ in train.epoch(3)] + [x for x, _ in test.epoch(0)]
+    assert len(batches["stream"]) == 3 and all(torch.equal(a, b) for a, b in zip(*batches.values()))
+
+
+def test_the_data_command_prepares_and_describes_each_layout(tmp_path, capsys):
+    from speedrun.data.cli import main as data_main
+
+    root = _tree(tmp_path / "t", SIZES)
+    assert data_main(["data", "prepare", str(root), "--layout", "aspect", "--max-size", "16", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "aspect" and info["shape"] == [3, 16, 16] and info["train"] == 5
+    assert data_main(["data", "info", str(root), "--layout", "files", "--max-size", "16"]) == 2  # not prepared
+    assert data_main(["data", "prepare", str(root), "--layout", "files", "--max-size", "16"]) == 0
+    text = capsys.readouterr().out
+    assert "aspect kept, shorter side capped at 16 px (decoded as training reads the files; in the source: shorter " \
+           "sides 9-24 px, aspect ratios up to 4.00)" in text and "(the list of files; the images stay" in text
