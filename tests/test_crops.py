@@ -135,6 +135,18 @@ def test_prefetch_thread_and_batched_resampling_give_the_same_batches():
     assert all((a - b).abs().max() < 1.01 / (0.25 * 255) for a, b in zip(inline, batched))  # uint8 rounding
 
 
+def test_crops_made_in_threads_under_inference_mode_evaluate():
+    from speedrun.train.hooks import evaluate
+
+    images = _images([(20 + i % 5, 30) for i in range(20)], seed=10)
+    loader = _loader(images, train=False, batch_size=10, workers=2)  # 10 images a batch: the pool's threads
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
+    accuracy, loss = evaluate(model, loader)  # torch.inference_mode(): thread-local, the threads must follow
+    assert 0 <= accuracy <= 1 and loss > 0
+    with torch.inference_mode():
+        assert torch.equal(next(loader.epoch(0))[0], next(_loader(images, train=False, batch_size=10).epoch(0))[0])
+
+
 def test_alternating_flip_mirrors_each_image_in_alternate_epochs():
     images = _images([(16, 16)] * 8, seed=6)
     loader = _loader(images, train=True, flip=True, alternating_flip=True, batch_size=8, size=16, crop_frac=1.0)

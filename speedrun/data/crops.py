@@ -80,13 +80,15 @@ def crop_resize_each(images: Sequence[Tensor], views: Views, out: int, *, pool: 
     ``F.interpolate(mode="bilinear", antialias=True)``, the ``out`` part kept; in ``pool``'s threads."""
     n, channels = len(images), images[0].shape[0]
     batch = torch.empty((n, channels, out, out), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads take the caller's
 
     def one(i: int) -> None:
         top, left, h, w = views.window[i].tolist()
         (rh, rw), (oy, ox) = views.resized[i].tolist(), views.offset[i].tolist()
-        window = images[i][None, :, top:top + h, left:left + w]
-        resized = F.interpolate(window, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
-        batch[i] = resized[0, :, oy:oy + out, ox:ox + out]
+        with torch.inference_mode(inference):
+            window = images[i][None, :, top:top + h, left:left + w]
+            resized = F.interpolate(window, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+            batch[i] = resized[0, :, oy:oy + out, ox:ox + out]
 
     if pool is None or n < 8:
         for i in range(n):
