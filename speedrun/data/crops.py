@@ -157,8 +157,9 @@ class CropLoader(ResidentLoader):
     crops (``rrc_scale``, ``rrc_ratio``; without ``rrc_scale``, the evaluation's centre crop) at
     ``size`` px, or at ``self.size`` when progressive resizing sets it; evaluation batches are
     ``centre_views`` at ``size`` with ``crop_frac``. ``batched`` picks how: ``resample``'s batched
-    matmuls (on the images' device, a GPU's when they are there), or ``crop_resize_each`` per image in
-    the pool's threads (on the host, then copied to the device); None: batched for images on a GPU. With ``prefetch`` > 0 a background thread makes that many batches ahead; 0
+    matmuls on ``device`` (the windows gathered where the images are: on the device, or on the host and
+    copied), or ``crop_resize_each`` per image in the pool's threads on the host (then copied to the
+    device); None: batched when ``device`` is a GPU. With ``prefetch`` > 0 a background thread makes that many batches ahead; 0
     makes each when it is asked for. The crops of epoch ``e`` depend only on ``(seed, e, rank)``.
 
     >>> data = load_prepared(prepared.directory, mmap=True)  # an aspect cache  # doctest: +SKIP
@@ -175,7 +176,7 @@ class CropLoader(ResidentLoader):
         # ResidentLoader reads only the device of its images: an empty stand-in gives it that.
         super().__init__(torch.empty(0, dtype=torch.uint8, device=device), labels, **options)
         self.store, self.crop_size, self.crop_frac, self.prefetch = images, size, crop_frac, prefetch
-        self.batched = isinstance(data, Tensor) and data.device.type != "cpu" if batched is None else batched
+        self.batched = device.type != "cpu" if batched is None else batched
         from speedrun.data.imagefolder import default_workers
 
         self._pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="speedrun-crop")
@@ -232,8 +233,9 @@ class CropLoader(ResidentLoader):
             flips = alternating_flip_mask(self._flip_base[torch.as_tensor(rows, device=self._device)], epoch).cpu().numpy()
         elif self.flip:
             flips = (torch.rand(len(rows), generator=gen) < 0.5).numpy()
-        if self.batched:
-            return _Batch(gather_windows(images, views.window), views, flips, rows, False)
+        if self.batched:  # windows gathered where the images are (pinned, on a GPU's host), resampled on the device
+            pin = self._pin and images[0].device.type == "cpu"
+            return _Batch(gather_windows(images, views.window, pin=pin), views, flips, rows, False)
         pixels = crop_resize_each(images, views, out, pool=self._pool)
         if flips is not None and flips.any():
             mirrored = torch.as_tensor(flips)
@@ -289,8 +291,10 @@ def crop_loaders(recipe: Any, images: Any, directory: Any, device: torch.device,
 
     ``kind``: ``resident`` (the ragged buffer in memory: on a CPU the cache's memory map, its pages the
     page cache's, nothing copied; on a GPU, copied there), ``stream`` (a GPU, the set larger than half
-    its memory: the buffer stays a host memory map, batches cropped ahead by a thread and copied) or
-    ``decode`` (files decoded by a thread pool, ahead).
+    its memory: the buffer stays a host memory map, each batch's windows gathered ahead by a thread into
+    pinned memory, resampled on the GPU) or ``decode`` (files decoded ahead by a thread pool). On a GPU
+    the crops are ``resample``'s batched matmuls, on a CPU ``crop_resize_each`` (BENCHMARKS.md, "crops
+    from the aspect cache against the training step"); the GPU paths are untested on a GPU so far.
     """
     from speedrun.config import ConfigError
     from speedrun.data.stream import choose_loader
