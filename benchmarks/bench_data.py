@@ -124,7 +124,8 @@ def throughput(names: list[str], dev: torch.device, steps: int, repeats: int, so
         for kind in KINDS:
             recipe = loader_recipe(name, kind, source)
             prepared = datalib.prepare(datalib.resolve(recipe.data.source))
-            images, loader, _, got = build_loaders(recipe, prepared.directory, dev, seed=0)
+            built = build_loaders(recipe, prepared.directory, dev, seed=0)
+            images, loader, got = built.images, built.train, built.kind
             assert got == kind
             stepper = Stepper(recipe, images, dev)
             n = min(steps, len(loader))

@@ -38,6 +38,12 @@ class DataConfig:
     # Image-folder trees only: decode images to at most this side (0: the source's default, 64 px). The
     # whole set sits on the device, so this decides memory: ImageNet's 1.28M images take 63 GB at 128 px.
     max_size: int = 0
+    # Image-folder trees only: "square" caches every image at one size (shorter side, then centre crop);
+    # "aspect" keeps each image's aspect ratio with its shorter side capped at max_size, and the loader
+    # crops each batch from the whole stored pictures (random-resized crops when training, resize then
+    # centre crop when evaluating) to crop_size px (0: the cache's most common shorter side).
+    layout: Literal["square", "aspect"] = "square"
+    crop_size: int = 0
     # With progressive resizing: batch size x (native / size)^2 (at most 4x) at smaller sizes, and the
     # LR scaled by the same factor (linear scaling rule), as fast.ai's ImageNet runs did.
     resize_scale_batch: bool = False
@@ -53,7 +59,10 @@ class DataConfig:
     mix_prob: float = 1.0
     # resident: the uint8 set lives on the device; stream: it stays memory-mapped on the host and batches
     # are read ahead by a thread; auto: resident when it takes at most half the device's free memory.
-    loader: Literal["auto", "resident", "stream"] = "auto"
+    # decode (layout=aspect): nothing is cached but the list of files; the JPEGs are decoded as batches
+    # are read, in a pool of decode_workers threads (0: every core), for sets too large to cache.
+    loader: Literal["auto", "resident", "stream", "decode"] = "auto"
+    decode_workers: int = 0
     # Hold this fraction of the training split out as a validation split (stratified, the same images
     # for every seed: speedrun.data.split); it then trains on the rest. 0: no validation split.
     val_frac: float = 0.0
@@ -166,6 +175,12 @@ class EvalConfig:
     # The split the target is judged on: test, or val (the hold-out of data.val_frac). A run with a
     # validation split reports both accuracies at the end (speedrun tune judges its trials on val).
     split: Literal["test", "val"] = "test"
+    # data.layout=aspect: each test image is resized so its shorter side is crop_size / crop_frac, and its
+    # centre crop_size x crop_size evaluated (ImageNet's 224 from 256: crop_frac 0.875). crop_size 0:
+    # data.crop_size; larger than the last training size, it corrects the apparent object size of
+    # random-resized crops (Touvron et al. 2019, FixRes: "train at 128, test at 160").
+    crop_size: int = 0
+    crop_frac: float = 0.875
 
 
 @dataclass(frozen=True)
@@ -222,6 +237,12 @@ def validate(recipe: Recipe) -> None:
          "model.stem_kernel must be >= 1 and model.whiten_eps > 0"),
         (0.0 <= recipe.model.stem_train_frac <= 1.0, "model.stem_train_frac must be in [0, 1]"),
         (recipe.data.max_size >= 0, "data.max_size must be >= 0 (0: the source's default)"),
+        (recipe.data.crop_size >= 0 and recipe.eval.crop_size >= 0 and recipe.data.decode_workers >= 0,
+         "data.crop_size, eval.crop_size and data.decode_workers must be >= 0"),
+        (0.0 < recipe.eval.crop_frac <= 1.0, "eval.crop_frac must be in (0, 1]"),
+        (recipe.data.layout == "aspect" or (recipe.data.crop_size == 0 and recipe.eval.crop_size == 0
+                                            and recipe.data.loader != "decode"),
+         "data.crop_size, eval.crop_size and data.loader=decode need data.layout=aspect"),
         (recipe.data.rrc_scale == () or (len(recipe.data.rrc_scale) == 2
                                          and 0 < recipe.data.rrc_scale[0] <= recipe.data.rrc_scale[1] <= 1),
          "data.rrc_scale must be empty (off) or lo,hi with 0 < lo <= hi <= 1"),

@@ -93,21 +93,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     classifier = load(args.model)
     if args.no_tta:
         classifier.tta_flip, classifier.tta_translate_px = False, 0
-    max_size = classifier.recipe.get("data", {}).get("max_size")  # decoded as the training set was
-    source = datalib.resolve(args.data, **({"max_size": max_size} if max_size else {}))
+    recipe = classifier.recipe.get("data", {})
+    aspect = recipe.get("layout") == "aspect"  # cropped from each image as the run's evaluations were
+    options = {"max_size": recipe["max_size"]} if recipe.get("max_size") else {}  # decoded as training was
+    source = datalib.resolve(args.data, layout="aspect" if aspect else None, **options)
     images = datalib.load_prepared(datalib.prepare(source).directory, mmap=True)
-    if tuple(images.image_size) != classifier.image_size or images.channels != classifier.in_channels:
+    if (not aspect and tuple(images.image_size) != classifier.image_size) or images.channels != classifier.in_channels:
         raise DataError(f"{args.data} decodes to {images.channels}x{images.image_size[0]}x{images.image_size[1]} "
                         f"images; the model takes {classifier.in_channels}x{classifier.image_size[0]}x"
                         f"{classifier.image_size[1]}")
     if tuple(images.classes) != classifier.classes:
         missing = sorted(set(images.classes) ^ set(classifier.classes))
         raise DataError(f"{args.data} has other classes than the model ({', '.join(missing[:5]) or 'another order'})")
-    x, y = images.test_images, torch.as_tensor(np.array(images.test_labels))
-    if args.limit:
-        x, y = x[:args.limit], y[:args.limit]
-    correct = sum(int((classifier.predict(x[i:i + 4096]).argmax(1) == y[i:i + 4096]).sum())
-                  for i in range(0, len(y), 4096))
+    y = torch.as_tensor(np.array(images.test_labels))[:args.limit or None]
+    if aspect:  # resize and centre crop at the model's test resolution, in pixel units (mean 0, std 1/255)
+        loader = datalib.CropLoader(
+            images.test_images.to("cpu"), y.numpy(), size=classifier.image_size[0], train=False, batch_size=256,
+            crop_frac=classifier.recipe.get("eval", {}).get("crop_frac", 0.875), mean=(0.0,) * images.channels,
+            std=(1 / 255,) * images.channels)
+        batches = ((x / 255, labels) for x, labels in loader.epoch(0))
+    else:
+        x = images.test_images[:len(y)]
+        batches = ((x[i:i + 4096], y[i:i + 4096]) for i in range(0, len(y), 4096))
+    correct = sum(int((classifier.predict(x).argmax(1) == labels).sum()) for x, labels in batches)
     result: dict[str, Any] = {"model": str(args.model), "data": str(args.data), "images": len(y),
                               "accuracy": correct / len(y), "tta_flip": classifier.tta_flip,
                               "tta_translate_px": classifier.tta_translate_px}

@@ -42,10 +42,12 @@ def test_imagenet_resnet50_trains_on_an_image_folder_tree(tmp_path):
     with pytest.raises(ConfigError, match="names no dataset: give one with --data PATH"):
         train("imagenet-resnet50", store=None)
     result = train("imagenet-resnet50", data=tree, store=None, device="cpu", overrides={
-        "model.widths": "4,4,8,8", "model.stem": "small", "data.max_size": "12", "train.batch_size": "8",
-        "train.epochs": "2", "train.precision": "fp32", "eval.batch_size": "16"})
+        "model.widths": "4,4,8,8", "model.stem": "small", "data.max_size": "12", "data.crop_size": "12",
+        "eval.crop_size": "14", "train.batch_size": "8", "train.epochs": "2", "train.precision": "fp32",
+        "eval.batch_size": "16"})
     assert result.outcome == "budget_exhausted", result.detail
     assert [p.epoch for p in result.curve] == [1.0, 2.0]  # evaluated every epoch
-    assert 0 < result.flops_per_image and result.env["precision"] == "fp32"
-    again = prepare(resolve(tree, max_size=12))  # the run decoded the tree at data.max_size
+    assert 0 < result.flops_per_image and result.env["precision"] == "fp32" and result.env["loader"] == "decode"
+    again = prepare(resolve(tree, max_size=12, layout="files"))  # the run listed the tree's files
     assert not again.built and load_prepared(again.directory).image_size == (12, 12)
+    assert result.classifier.image_size == (14, 14)  # evaluated at its test resolution

@@ -97,13 +97,13 @@ def test_compile_covers_every_input_size_of_a_progressive_resizing_schedule(monk
     """Dynamo falls back to eager, silently, past its recompile limit: a run that resizes must raise it."""
     import torch._dynamo
 
-    imagenet = get_recipe("imagenet-resnet50")  # 64 -> 128 px in 4-px steps: 17 sizes
-    assert compiled_graphs(imagenet, native=128) == 17 + 2  # + evaluation and its last partial batch
+    imagenet = get_recipe("imagenet-resnet50")  # 128 -> 192 px in 4-px steps: 17 sizes
+    assert compiled_graphs(imagenet, native=192) == 17 + 2  # + evaluation and its last partial batch
     assert compiled_graphs(get_recipe("fashion-mnist"), native=28) == 1 + 2 + 1  # + the stem freezing mid-run
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    compile_model(torch.nn.Identity(), imagenet, native=128)
+    compile_model(torch.nn.Identity(), imagenet, native=192)
     assert torch._dynamo.config.recompile_limit == 19 and calls == [{}]
     compile_model(torch.nn.Identity(), get_recipe("fashion-mnist"), native=28)
     assert torch._dynamo.config.recompile_limit == 19  # never lowered

@@ -8,11 +8,14 @@ class DataError(RuntimeError):
 
 # The loaders import torch and the sources numpy: they load on first use (see speedrun.lazy).
 __getattr__, __dir__ = lazy_attributes(__name__, {
+    "crops": ("CropLoader", "crop_loaders"),
+    "imageset": ("RaggedImages",),
     "loader": ("ResidentLoader", "flip_batch", "process_shard", "translate_batch"),
-    "sources": ("ImageSet", "Prepared", "cache_path", "load_prepared", "prepare", "read_meta", "resolve"),
+    "sources": ("ImageSet", "Prepared", "cache_path", "load_prepared", "prepare", "read_meta", "resolve",
+                "source_options"),
     "stream": ("StreamLoader", "available_memory", "choose_loader"),
 })
 
-__all__ = ["DataError", "ImageSet", "Prepared", "ResidentLoader", "StreamLoader", "available_memory", "cache_path",
-           "choose_loader", "flip_batch", "load_prepared", "prepare", "process_shard", "read_meta", "resolve",
-           "translate_batch"]
+__all__ = ["CropLoader", "DataError", "ImageSet", "Prepared", "RaggedImages", "ResidentLoader", "StreamLoader",
+           "available_memory", "cache_path", "choose_loader", "crop_loaders", "flip_batch", "load_prepared", "prepare",
+           "process_shard", "read_meta", "resolve", "source_options", "translate_batch"]

@@ -39,6 +39,7 @@ def cache_info(directory: Path) -> dict[str, Any]:
             "source_type": meta.get("source_type"), "fingerprint": meta.get("fingerprint"),
             "num_classes": len(meta["classes"]), "classes": meta["classes"], "train": meta.get("train"),
             "test": meta.get("test"), "counts": meta.get("counts"), "shape": meta.get("shape"),
+            "layout": meta.get("layout", "square"),
             "mean": meta["mean"], "std": meta["std"], "size_bytes": size, "prepare_s": meta.get("prepare_s"),
             "created": meta.get("created"), "details": meta.get("details", {}), "version": meta.get("version", 1)}
 
@@ -60,6 +61,15 @@ def _print_info(info: dict[str, Any]) -> None:
     classes = info["classes"]
     shown = ", ".join(classes[:10]) + (f", ... ({len(classes) - 10} more)" if len(classes) > 10 else "")
     shape = "x".join(map(str, info["shape"])) if info["shape"] else "-"
+    layout = info.get("layout", "square")
+    if layout != "square" and info["shape"]:
+        max_size = details.get("options", {}).get("max_size")
+        lo, hi = details.get("shorter_side") or ("?", "?")
+        kept = "stored" if layout == "aspect" else "decoded as training reads the files"
+        shape = (f"{info['shape'][0]} channels, aspect kept, shorter side capped at {max_size} px ({kept}; in the "
+                 f"source: shorter sides {lo if lo == hi else f'{lo}-{hi}'} px, aspect ratios up to "
+                 f"{details.get('max_aspect', 0):.2f}); cropped to {info['shape'][1]}x{info['shape'][2]} unless "
+                 "data.crop_size says otherwise")
     prepared = "-" if info["prepare_s"] is None else f"{info['created'] or '-'} in {info['prepare_s']:.1f} s"
     if "decode_images_per_s" in details:
         # caches prepared before decoding moved to threads name their worker processes
@@ -73,10 +83,11 @@ def _print_info(info: dict[str, Any]) -> None:
         ("train", f"{info['train']:,} images{_per_class(counts.get('train'))}"),
         ("test", f"{info['test']:,} images{_per_class(counts.get('test'))}"
                  + (f", from {details['test_from']}" if details.get("test_from") else "")),
-        ("image shape", f"{shape} (channels x height x width), uint8"),
+        ("image shape", f"{shape} (channels x height x width), uint8" if layout == "square" else shape),
         ("mean", " ".join(f"{m:.4f}" for m in info["mean"])),
         ("std", " ".join(f"{s:.4f}" for s in info["std"])),
-        ("on disk", _mib(info["size_bytes"])),
+        ("on disk", _mib(info["size_bytes"]) + (" (the list of files; the images stay where they are)"
+                                                 if layout == "files" else "")),
         ("prepared", prepared),
     ]
     if details.get("skipped"):
@@ -90,7 +101,8 @@ def _print_info(info: dict[str, Any]) -> None:
 
 
 def _source(args: argparse.Namespace, **kwargs):
-    return datalib.resolve(args.path, max_size=args.max_size, holdout_frac=args.holdout_frac, **kwargs)
+    return datalib.resolve(args.path, max_size=args.max_size, holdout_frac=args.holdout_frac, layout=args.layout,
+                           **kwargs)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -137,6 +149,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         p.add_argument("--max-size", type=positive_int,
                        help="image trees: larger images are resized so the shorter side is this, then "
                             "centre-cropped square (default 64)")
+        p.add_argument("--layout", choices=("square", "aspect", "files"), default="square",
+                       help="image trees: square (one size: shorter side, then centre crop), aspect (each image's "
+                            "aspect kept, shorter side capped at --max-size) or files (only the list of files: "
+                            "training decodes them, for sets too large to cache)")
         p.add_argument("--holdout-frac", type=_fraction,
                        help="image trees without val/ or test/: fraction of each class held out (default 0.1)")
         p.add_argument("--json", action="store_true", help="print one JSON object instead of text")

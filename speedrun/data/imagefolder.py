@@ -7,10 +7,19 @@ Layout (as ImageNet's)::
 
 or a ``.tar.gz`` of such a tree, extracted once under ``$SPEEDRUN_HOME/cache/extracted/``.
 
-Every image is decoded to the one cache size: when all images share a size no larger than
-``max_size`` they are kept as they are; otherwise the shorter side is resized (JPEGs first
-shrunk by libjpeg's draft mode) and the centre cropped square. Arrays are written front to
-back through short-lived memory maps, so preparing a large tree never holds it twice in RAM.
+Three layouts of the cache:
+
+- ``square`` (the default): every image decoded to the one cache size. When all images share a size no
+  larger than ``max_size`` they are kept as they are; otherwise the shorter side is resized (JPEGs first
+  shrunk by libjpeg's draft mode) and the centre cropped square.
+- ``aspect``: each image at its own aspect ratio, its shorter side capped at ``max_size`` (smaller
+  images kept as they are), back to back in one flat buffer with an (offset, height, width) index
+  (``RaggedImages``). Training crops are then drawn from the whole stored picture, per image and epoch.
+- ``files``: no pixels at all, only the checked list of files and statistics from a sample; the loader
+  decodes the JPEGs as it trains (``FileImages``), for sets too large to cache.
+
+Every image is turned upright by its EXIF orientation. Arrays are written front to back (through
+short-lived memory maps, or appended to a raw file), so preparing a large tree never holds it twice in RAM.
 """
 from __future__ import annotations
 
@@ -25,22 +34,26 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from speedrun import paths
 from speedrun.console import new_console
 from speedrun.data.download import archive_stem, extract_once, is_archive
 from speedrun.data import DataError
-from speedrun.data.imageset import ChannelMoments, ImageSet, check_space, disk_full, no_space, printable
+from speedrun.data.imageset import (ChannelMoments, ImageSet, RaggedImages, check_space, disk_full, no_space,
+                                    printable)
 
 DEFAULT_MAX_SIZE = 64  # pixels; 1.28M ImageNet images at 64x64 are 16 GB, small enough to sit on one GPU
 DEFAULT_HOLDOUT_FRAC = 0.1
 HELD_OUT_DIRS = ("val", "test")  # the first that exists is the test split
-DECODER_VERSION = 1  # part of the fingerprint: bump when decoding changes so old caches are not reused
+LAYOUTS = ("square", "aspect", "files")
+DECODER_VERSION = 2  # part of the fingerprint: bump when decoding changes so old caches are not reused (2: EXIF)
+STATS_SAMPLE = 1024  # files layout: training images decoded for the mean and std
+_ORIENTATION = 0x0112  # the EXIF tag
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _NAMED_FAILURES = 3  # bad files named in the warning
 
@@ -226,17 +239,72 @@ def _fit(img: Image.Image, width: int, height: int) -> Image.Image:
     return img.resize((width, height), Image.Resampling.BICUBIC, box=(left, top, left + box_w, top + box_h))
 
 
-def decode_image(path: str, layout: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int], bool]:
-    """One file as a uint8 (C, H, W) array of ``layout``, with its own (width, height) and greyness."""
-    channels, height, width = layout
+class Aspect(NamedTuple):
+    """The aspect layout's decoding target: ``channels``, and the shorter side capped at ``max_size``."""
+
+    channels: int
+    max_size: int
+
+
+Layout = tuple[int, int, int] | Aspect  # (channels, height, width) of the square layout, or Aspect
+
+
+def _upright_size(img: Image.Image) -> tuple[tuple[int, int], int]:
+    """(width, height) once turned upright by the EXIF orientation, and that orientation (1: as stored)."""
+    try:
+        orientation = int(img.getexif().get(_ORIENTATION, 1))
+    except Exception:  # a damaged EXIF block: the pixels may still be fine
+        orientation = 1
+    w, h = img.size
+    return ((h, w) if orientation in (5, 6, 7, 8) else (w, h)), orientation
+
+
+def _decode(img: Image.Image, scale: float, mode: str, orientation: int) -> Image.Image:
+    """The pixels of an opened file, upright and in ``mode``. A JPEG whose pixels will be shrunk by
+    ``scale`` < 1 is decoded at the smallest of libjpeg's 1/2, 1/4, 1/8 scales still at least that large
+    (an 8000x6000 photo decodes as 1000x750 for a 160 px cache)."""
+    if scale < 1 and img.format == "JPEG":
+        img.draft(img.mode, (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
+    if orientation != 1:
+        img = ImageOps.exif_transpose(img)
+    return _to_mode(img, mode)
+
+
+def aspect_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side capped at ``max_size``, aspect kept (rounded to whole pixels).
+
+    >>> aspect_size(500, 375, 160), aspect_size(100, 80, 160)
+    ((213, 160), (100, 80))
+    """
+    short = min(width, height)
+    if short <= max_size:
+        return width, height
+    scale = max_size / short
+    return (max_size, max(1, round(height * scale))) if width == short else (max(1, round(width * scale)), max_size)
+
+
+def decode_image(path: str, layout: Layout) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """One file as a uint8 (C, H, W) array of ``layout``, with its own upright (width, height) and greyness.
+
+    Square layouts give every file ``layout``'s size; ``Aspect`` keeps each file's aspect ratio with the
+    shorter side capped (``aspect_size``).
+    """
+    channels = layout[0]
     with Image.open(path) as img:
-        size, gray = img.size, img.mode in _GRAY_MODES
-        if size != (width, height) and img.format == "JPEG":
-            scale = max(width / size[0], height / size[1])  # libjpeg decodes at 1/2, 1/4, 1/8 for free
-            img.draft(img.mode, (math.ceil(size[0] * scale), math.ceil(size[1] * scale)))
-        img = _to_mode(img, "L" if channels == 1 else "RGB")
+        if img.format != "JPEG":  # a PNG's EXIF may follow its pixels: reading it loads them, and a broken
+            img.load()  # stream would then be swallowed with the EXIF's errors, the pixels left half-decoded
+        size, orientation = _upright_size(img)
+        gray = img.mode in _GRAY_MODES
+        if isinstance(layout, Aspect):
+            width, height = aspect_size(*size, layout.max_size)
+            scale = width / size[0]
+        else:
+            _, height, width = layout
+            scale = max(width / size[0], height / size[1])
+        img = _decode(img, scale, "L" if channels == 1 else "RGB", orientation)
         if img.size != (width, height):
-            img = _fit(img, width, height)
+            img = (img.resize((width, height), Image.Resampling.BICUBIC) if isinstance(layout, Aspect)
+                   else _fit(img, width, height))
         array = np.asarray(img)
     return (array[None] if channels == 1 else array.transpose(2, 0, 1)), size, gray
 
@@ -244,6 +312,8 @@ def decode_image(path: str, layout: tuple[int, int, int]) -> tuple[np.ndarray, t
 def _reason(e: Exception) -> str:
     if isinstance(e, UnidentifiedImageError):
         return "not an image"
+    if isinstance(e, Image.DecompressionBombError):
+        return f"too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's limit against decompression bombs)"
     if isinstance(e, PermissionError):
         return "permission denied"
     if isinstance(e, FileNotFoundError):
@@ -254,31 +324,58 @@ def _reason(e: Exception) -> str:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Decoded images of one chunk of a split; ``kept`` indexes the chunk's files that decoded."""
+    """Decoded images of one chunk of a split; ``kept`` indexes the chunk's files that decoded.
+
+    ``images``: an (n, C, H, W) array (square layout), ``RaggedImages`` (aspect) or None (files layout,
+    whose files are only opened, to check they are images).
+    """
 
     split: int
     start: int
-    images: np.ndarray
+    images: np.ndarray | RaggedImages | None
     kept: list[int]
     failed: list[tuple[str, str]]
     sizes: Counter[tuple[int, int]]
     all_gray: bool
 
 
-def _decode_chunk(task: tuple[int, int, list[str], tuple[int, int, int]]) -> Chunk:
+def _decode_chunk(task: tuple[int, int, list[str], Layout]) -> Chunk:
     split, start, files, layout = task
-    images = np.empty((len(files), *layout), np.uint8)
+    square = not isinstance(layout, Aspect)
+    images: Any = np.empty((len(files), *layout), np.uint8) if square else []
     kept, failed, sizes, all_gray = [], [], Counter(), True
     for i, path in enumerate(files):
         try:
-            images[len(kept)], size, gray = decode_image(path, layout)
+            image, size, gray = decode_image(path, layout)
         except Exception as e:  # Pillow raises many types for bad files; each one is skipped and named
+            failed.append((path, _reason(e)))
+            continue
+        if square:
+            images[len(kept)] = image
+        else:
+            images.append(image)
+        kept.append(i)
+        sizes[size] += 1
+        all_gray &= gray
+    return Chunk(split, start, images[:len(kept)] if square else RaggedImages.from_list(images), kept, failed,
+                 sizes, all_gray)
+
+
+def _check_chunk(task: tuple[int, int, list[str], Any]) -> Chunk:
+    """The files layout's pass: open each file's header (an image, and which), decode nothing."""
+    split, start, files, _ = task
+    kept, failed, sizes, all_gray = [], [], Counter(), True
+    for i, path in enumerate(files):
+        try:
+            with Image.open(path) as img:
+                size, _ = _upright_size(img)
+                all_gray &= img.mode in _GRAY_MODES
+        except Exception as e:
             failed.append((path, _reason(e)))
             continue
         kept.append(i)
         sizes[size] += 1
-        all_gray &= gray
-    return Chunk(split, start, images[:len(kept)], kept, failed, sizes, all_gray)
+    return Chunk(split, start, None, kept, failed, sizes, all_gray)
 
 
 def probe(files: list[str], *, samples: int = 64) -> tuple[Counter[tuple[int, int]], bool]:
@@ -287,7 +384,7 @@ def probe(files: list[str], *, samples: int = 64) -> tuple[Counter[tuple[int, in
     for path in files[:: max(1, len(files) // samples)][:samples]:
         try:
             with Image.open(path) as img:
-                sizes[img.size] += 1
+                sizes[_upright_size(img)[0]] += 1
                 all_gray &= img.mode in _GRAY_MODES
         except Exception:  # a bad file is found and reported by the decode pass
             continue
@@ -355,9 +452,44 @@ def reserve(path: Path) -> None:
             # EOPNOTSUPP, EINVAL: the file system cannot reserve; its writes will tell
 
 
+class RaggedAppender:
+    """Appends images of varying sizes to a raw uint8 file (``<stem>.u8``), recording each one's
+    (offset, height, width) for ``<stem>_index.npy``; plain sequential writes, so RSS stays flat."""
+
+    def __init__(self, stem: Path, channels: int) -> None:
+        self.path, self.index_path = stem.with_suffix(".u8"), stem.with_name(stem.name + "_index.npy")
+        self.channels, self.count, self._offset = channels, 0, 0
+        self._index: list[np.ndarray] = []
+        self._file = open(self.path, "wb")
+
+    def append(self, images: RaggedImages) -> None:
+        data = np.asarray(images.data)
+        self._file.write(memoryview(np.ascontiguousarray(data)))
+        index = images.index.copy()
+        index[:, 0] += self._offset
+        self._index.append(index)
+        self._offset += data.size
+        self.count += len(images)
+
+    def finish(self) -> RaggedImages:
+        """The written images, memory-mapped read-only."""
+        self._file.close()
+        index = np.concatenate(self._index) if self._index else np.zeros((0, 3), np.int64)
+        np.save(self.index_path, index)
+        return RaggedImages(_map_raw(self.path), index, self.channels)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _map_raw(path: Path) -> np.ndarray:
+    """A raw uint8 file as a read-only array (memory-mapped; numpy cannot map an empty file)."""
+    return np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.empty(0, np.uint8)
+
+
 @dataclass(frozen=True)
 class Decoded:
-    images: tuple[np.ndarray, np.ndarray]  # train, test (read-only maps of the written files)
+    images: tuple[Any, Any]  # train, test (read-only maps of the written files: arrays or RaggedImages)
     labels: tuple[np.ndarray, np.ndarray]
     failed: list[tuple[str, str]]
     sizes: Counter[tuple[int, int]]
@@ -374,13 +506,14 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _chunks(listing: Listing, layout: tuple[int, int, int], chunk: int) -> list:
+def _chunks(listing: Listing, layout: Any, chunk: int) -> list:
     return [(s, i, [f for f, _ in files[i:i + chunk]], layout)
             for s, files in enumerate((listing.train, listing.test)) for i in range(0, len(files), chunk)]
 
 
-def _results(tasks: list, threads: int) -> Iterator[Chunk]:
-    """Decoded chunks, in task order (so the cache's order is deterministic).
+def _results(tasks: list, threads: int, work: Callable[[Any], Chunk] | None = None) -> Iterator[Chunk]:
+    """``work(task)`` (default: decode the chunk) for each task, in task order (so the cache's order is
+    deterministic).
 
     Threads, not processes: Pillow releases the GIL while it reads, decodes and resizes, so threads
     scale where decoding is the work (on this 2-core machine, 400x300 JPEGs: 1.7x serial, where two
@@ -389,14 +522,15 @@ def _results(tasks: list, threads: int) -> Iterator[Chunk]:
     traded for no worker processes at all: nothing re-imports the caller's script (which, without
     `if __name__ == "__main__":`, made process workers fail forever) and nothing to pickle.
     """
+    work = work or _decode_chunk
     if threads <= 1:
-        yield from map(_decode_chunk, tasks)
+        yield from map(work, tasks)
         return
     pending: deque[Future[Chunk]] = deque()
     with ThreadPoolExecutor(threads, thread_name_prefix="speedrun-decode") as pool:
         try:
             for task in tasks:  # a bounded window of chunks in flight keeps memory flat
-                pending.append(pool.submit(_decode_chunk, task))
+                pending.append(pool.submit(work, task))
                 if len(pending) > 2 * threads:
                     yield pending.popleft().result()
             while pending:
@@ -406,36 +540,62 @@ def _results(tasks: list, threads: int) -> Iterator[Chunk]:
                 future.cancel()
 
 
-def decode_tree(listing: Listing, layout: tuple[int, int, int], directory: Path, *, workers: int,
-                chunk: int | None = None, progress: bool = False) -> Decoded:
-    """Decode every file of ``listing`` into ``directory/{train,test}_{images,labels}.npy``.
+def _written(directory: Path) -> list[Path]:
+    """Every file decoding may write into ``directory`` (the partial ones are removed when the disk fills)."""
+    names = [f"{split}_{kind}" for split in ("train", "test") for kind in ("images", "labels")]
+    return [directory / f"{n}{ext}" for n in names for ext in (".npy", ".short.npy", ".u8", "_index.npy")]
 
-    The disk must hold the arrays at their full size (checked first); a disk full all the same is a
-    DataError naming the space needed, with the partial files removed.
+
+def decode_tree(listing: Listing, layout: Layout, directory: Path, *, workers: int,
+                chunk: int | None = None, progress: bool = False, image_bytes: float | None = None) -> Decoded:
+    """Decode every file of ``listing`` into ``directory``: ``{train,test}_{images,labels}.npy`` for a
+    square layout; for ``Aspect``, ``{train,test}_images.u8`` (raw pixels) with ``_images_index.npy``.
+
+    The disk must hold the arrays at their full size (checked first; ``image_bytes``, the mean bytes of
+    one image, estimates it for the aspect layout); a disk full all the same is a DataError naming the
+    space needed, with the partial files removed.
     """
-    splits = (listing.train, listing.test)
-    total = sum(map(len, splits))
-    files = [directory / f"{name}_{kind}.npy" for name in ("train", "test") for kind in ("images", "labels")]
-    needed = total * (math.prod(layout) + 8)  # uint8 pixels, int64 labels
-    check_space(directory.parent, needed - sum(f.stat().st_size for f in files if f.exists()))  # a 2nd pass overwrites
+    total = len(listing.train) + len(listing.test)
+    per_image = image_bytes if image_bytes is not None else math.prod(layout)
+    needed = int(total * (per_image + 8))  # uint8 pixels, int64 labels
+    check_space(directory.parent, needed - sum(f.stat().st_size for f in _written(directory) if f.exists()))
     try:
         return _decode_into(listing, layout, directory, workers=workers, chunk=chunk, progress=progress)
     except OSError as e:
         if not disk_full(e, directory):
             raise
-        for f in files + [f.with_name(f.stem + ".short.npy") for f in files]:
+        for f in _written(directory):
             f.unlink(missing_ok=True)
         raise no_space(directory.parent, needed) from None
 
 
-def _decode_into(listing: Listing, layout: tuple[int, int, int], directory: Path, *, workers: int,
+def _decode_into(listing: Listing, layout: Layout, directory: Path, *, workers: int,
                  chunk: int | None, progress: bool) -> Decoded:
     splits = (listing.train, listing.test)
     total = sum(map(len, splits))
     if chunk is None:  # enough chunks to balance the workers, few enough to keep transfers cheap
         chunk = max(8, min(256, math.ceil(total / (4 * workers))))
-    outs = [NpyAppender(directory / f"{name}_images.npy", (len(files), *layout))
-            for name, files in zip(("train", "test"), splits)]
+    outs: list[Any] = []
+    try:
+        for name, files in zip(("train", "test"), splits):
+            outs.append(RaggedAppender(directory / f"{name}_images", layout[0]) if isinstance(layout, Aspect)
+                        else NpyAppender(directory / f"{name}_images.npy", (len(files), *layout)))
+        decoded = _decode_chunks(listing, layout, outs, chunk=chunk, workers=workers, progress=progress)
+    finally:
+        for out in outs:
+            if isinstance(out, RaggedAppender):
+                out.close()
+    return decoded
+
+
+def _progress_bar(what: str, progress: bool) -> Progress:
+    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                    TimeRemainingColumn(), console=err, transient=True, disable=not (progress and err.is_terminal))
+
+
+def _decode_chunks(listing: Listing, layout: Layout, outs: list[Any], *, chunk: int, workers: int,
+                   progress: bool) -> Decoded:
+    splits = (listing.train, listing.test)
     labels: list[list[int]] = [[], []]
     failed: list[tuple[str, str]] = []
     sizes: Counter[tuple[int, int]] = Counter()
@@ -444,12 +604,11 @@ def _decode_into(listing: Listing, layout: tuple[int, int, int], directory: Path
     start = time.perf_counter()
     tasks = _chunks(listing, layout, chunk)
     threads = min(workers, len(tasks))
-    bar = Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                   TimeRemainingColumn(), console=err, transient=True, disable=not (progress and err.is_terminal))
+    bar = _progress_bar("decoding", progress)
     results = _results(tasks, threads)
     try:
         with bar:
-            task = bar.add_task("decode", total=total)
+            task = bar.add_task("decode", total=sum(map(len, splits)))
             for c in results:
                 outs[c.split].append(c.images)
                 labels[c.split] += [splits[c.split][c.start + i][1] for i in c.kept]
@@ -465,7 +624,7 @@ def _decode_into(listing: Listing, layout: tuple[int, int, int], directory: Path
     arrays = tuple(out.finish() for out in outs)
     label_arrays = tuple(np.asarray(y, dtype=np.int64) for y in labels)
     for name, y in zip(("train", "test"), label_arrays):
-        np.save(directory / f"{name}_labels.npy", y)
+        np.save(outs[0].path.parent / f"{name}_labels.npy", y)
     return Decoded(arrays, label_arrays, failed, sizes, all_gray, moments, seconds,  # type: ignore[arg-type]
                    max(1, threads))
 
@@ -493,10 +652,13 @@ class ImageFolderSource:
     workers: int | None = None  # decode threads; default: every core this process may use
     chunk: int | None = None  # files per task handed to a worker; default: balanced
     progress: bool = True  # a progress bar, when stderr is a terminal
+    layout: str = "square"  # square, aspect (shorter side capped at max_size) or files (decoded on access)
 
     def __post_init__(self) -> None:
         if self.max_size < 1:
             raise DataError(f"max_size must be >= 1 pixel; got {self.max_size}")
+        if self.layout not in LAYOUTS:
+            raise DataError(f"layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
         if not 0 < self.holdout_frac < 1:
             raise DataError(f"holdout_frac must be between 0 and 1; got {self.holdout_frac}")
 
@@ -522,7 +684,7 @@ class ImageFolderSource:
     def fingerprint(self) -> str:
         """Hash of file names, sizes and modification times (or the archive's), and the options."""
         h = hashlib.sha256(f"imagefolder v{DECODER_VERSION} max_size={self.max_size} "
-                           f"holdout_frac={self.holdout_frac}\n".encode())
+                           f"holdout_frac={self.holdout_frac} layout={self.layout}\n".encode())
         if self.is_archive:
             h.update(self._archive_key().encode())
         else:
@@ -553,35 +715,117 @@ class ImageFolderSource:
             _say(f"warning: {_plural(len(escaped), 'class folder name')} not UTF-8, named with \\x escapes: "
                  f"{', '.join(escaped[:3])}{', ...' if len(escaped) > 3 else ''}")
         workers = self.workers or default_workers()
-        layout = cache_layout(*probe([f for f, _ in listing.train + listing.test]), self.max_size)
+        if self.layout == "files":
+            return self._index_into(listing, directory, workers)
+        sizes, all_gray = probe([f for f, _ in listing.train + listing.test])
+        layout = self._layout(sizes, all_gray)
         decoded = decode_tree(listing, layout, directory, workers=workers, chunk=self.chunk,
-                              progress=self.progress)
+                              progress=self.progress, image_bytes=self._image_bytes(layout, sizes))
         self._check_failures(listing, decoded.failed)
-        actual = cache_layout(decoded.sizes, decoded.all_gray, self.max_size)
+        actual = self._layout(decoded.sizes, decoded.all_gray)
         if actual != layout:  # the header sample missed a size or a colour image: decode again, rarely
             _say(f"the sampled headers missed some image sizes or colours; decoding again as "
                  f"{'x'.join(map(str, actual))}")
             decoded = decode_tree(listing, actual, directory, workers=workers, chunk=self.chunk,
-                                  progress=self.progress)
+                                  progress=self.progress, image_bytes=self._image_bytes(actual, decoded.sizes))
             layout = actual
         n = sum(map(len, decoded.labels))
         _say(f"decoded {_plural(n, 'image')} in {decoded.seconds:.1f} s: {n / max(decoded.seconds, 1e-9):,.0f} "
              f"images/s with {_plural(decoded.threads, 'thread')}")
-        if len(decoded.sizes) > 1:
-            common = ", ".join(f"{_fmt_size(s)} ({k:,})" for s, k in decoded.sizes.most_common(3))
-            more = ", ..." if len(decoded.sizes) > 3 else ""
-            _say(f"warning: images come in {len(decoded.sizes)} sizes ({common}{more}); "
-                 f"all resized to {layout[2]}x{layout[1]} (shorter side, then centre crop)")
-        self._check_classes(listing, decoded)
+        if isinstance(layout, Aspect):
+            resized = sum(k for (w, h), k in decoded.sizes.items() if min(w, h) > self.max_size)
+            size = self._nominal(decoded.sizes)
+        else:
+            resized = sum(k for s, k in decoded.sizes.items() if s != (layout[2], layout[1]))
+            size = layout[1:]
+            if len(decoded.sizes) > 1:
+                common = ", ".join(f"{_fmt_size(s)} ({k:,})" for s, k in decoded.sizes.most_common(3))
+                more = ", ..." if len(decoded.sizes) > 3 else ""
+                _say(f"warning: images come in {len(decoded.sizes)} sizes ({common}{more}); "
+                     f"all resized to {layout[2]}x{layout[1]} (shorter side, then centre crop)")
+        self._check_classes(listing, decoded.labels)
         mean, std = decoded.moments.mean_std()
-        resized = sum(k for s, k in decoded.sizes.items() if s != (layout[2], layout[1]))
-        details = {"skipped": len(decoded.failed),
-                   "skipped_files": [printable(os.path.relpath(p, listing.root)) for p, _ in decoded.failed[:20]],
-                   "resized": resized, "test_from": listing.test_from, "decode_s": decoded.seconds,
-                   "decode_images_per_s": n / max(decoded.seconds, 1e-9), "threads": decoded.threads,
-                   "options": {"max_size": self.max_size, "holdout_frac": self.holdout_frac}}
+        details = {**self._details(listing, decoded.failed, decoded.sizes), "resized": resized,
+                   "decode_s": decoded.seconds, "decode_images_per_s": n / max(decoded.seconds, 1e-9),
+                   "threads": decoded.threads}
         return ImageSet(self.name, decoded.images[0], decoded.labels[0], decoded.images[1], decoded.labels[1],
-                        listing.classes, mean, std, details)
+                        listing.classes, mean, std, details,
+                        input_size=tuple(size) if isinstance(layout, Aspect) else None)
+
+    def _layout(self, sizes: Counter[tuple[int, int]], all_gray: bool) -> Layout:
+        if self.layout == "aspect":
+            return Aspect(1 if all_gray else 3, self.max_size)
+        return cache_layout(sizes, all_gray, self.max_size)
+
+    def _image_bytes(self, layout: Layout, sizes: Counter[tuple[int, int]]) -> float | None:
+        """Mean bytes of a decoded image of the aspect layout, from a sample of sizes (None: square)."""
+        if not isinstance(layout, Aspect):
+            return None
+        count = sum(sizes.values())
+        stored = sum(k * math.prod(aspect_size(*s, self.max_size)) for s, k in sizes.items())
+        return layout.channels * (stored / count if count else self.max_size ** 2)
+
+    def _nominal(self, sizes: Counter[tuple[int, int]]) -> tuple[int, int]:
+        """The square the aspect and files layouts are cropped to by default: the most common shorter
+        side, capped at ``max_size`` (as ``cache_layout`` picks the square cache's side)."""
+        _, h, w = cache_layout(sizes, False, self.max_size) if len(sizes) != 1 else \
+            (0, *(min(self.max_size, min(next(iter(sizes)))),) * 2)
+        return h, w
+
+    def _details(self, listing: Listing, failed: list[tuple[str, str]],
+                 sizes: Counter[tuple[int, int]]) -> dict[str, Any]:
+        aspects = [max(w, h) / min(w, h) for w, h in sizes] or [1.0]
+        return {"skipped": len(failed),
+                "skipped_files": [printable(os.path.relpath(p, listing.root)) for p, _ in failed[:20]],
+                "test_from": listing.test_from, "layout": self.layout,
+                "shorter_side": [min(min(s) for s in sizes), max(min(s) for s in sizes)] if sizes else None,
+                "max_aspect": max(aspects),
+                "options": {"max_size": self.max_size, "holdout_frac": self.holdout_frac, "layout": self.layout}}
+
+    def _index_into(self, listing: Listing, directory: Path, workers: int) -> ImageSet:
+        """The files layout: check every file's header (in threads), keep the list of those that are
+        images, and take the mean and std from a spread of ``STATS_SAMPLE`` training images."""
+        start = time.perf_counter()
+        tasks = _chunks(listing, None, max(8, min(1024, math.ceil((len(listing.train) + len(listing.test))
+                                                                   / (4 * workers)))))
+        kept: list[list[tuple[str, int]]] = [[], []]
+        failed: list[tuple[str, str]] = []
+        sizes: Counter[tuple[int, int]] = Counter()
+        all_gray = True
+        splits = (listing.train, listing.test)
+        results = _results(tasks, min(workers, len(tasks)), _check_chunk)
+        try:
+            with (bar := _progress_bar("checking", self.progress)):
+                task = bar.add_task("check", total=sum(map(len, splits)))
+                for c in results:
+                    kept[c.split] += [splits[c.split][c.start + i] for i in c.kept]
+                    failed += c.failed
+                    sizes += c.sizes
+                    all_gray &= c.all_gray
+                    bar.advance(task, len(c.kept) + len(c.failed))
+        finally:
+            results.close()
+        self._check_failures(listing, failed)
+        channels = 1 if all_gray else 3
+        labels = tuple(np.array([y for _, y in files], np.int64) for files in kept)
+        self._check_classes(listing, labels)
+        images = tuple(FileImages(listing.root, tuple(os.path.relpath(f, listing.root) for f, _ in files),
+                                  self.max_size, channels) for files in kept)
+        sample = images[0].read(np.unique(np.linspace(0, len(images[0]) - 1, STATS_SAMPLE).round().astype(int)))
+        moments = ChannelMoments(channels)
+        moments.add(RaggedImages.from_list([x for x in sample if x is not None]))
+        mean, std = moments.mean_std()
+        for name, files, y in zip(("train", "test"), images, labels):
+            (directory / f"{name}_files.bin").write_bytes(b"\0".join(map(os.fsencode, files.files)))
+            np.save(directory / f"{name}_labels.npy", y)
+        seconds = time.perf_counter() - start
+        n = sum(map(len, labels))
+        _say(f"checked {_plural(n, 'image file')} in {seconds:.1f} s; they are decoded as training reads them "
+             f"(mean and std from {_plural(min(STATS_SAMPLE, len(images[0])), 'training image')})")
+        details = {**self._details(listing, failed, sizes), "check_s": seconds,
+                   "stats_from": min(STATS_SAMPLE, len(images[0]))}
+        return ImageSet(self.name, images[0], labels[0], images[1], labels[1], listing.classes, mean, std, details,
+                        input_size=self._nominal(sizes))
 
     def _check_failures(self, listing: Listing, failed: list[tuple[str, str]]) -> None:
         if not failed:
@@ -595,15 +839,63 @@ class ImageFolderSource:
                             f"{named}{more} (remove them, or prepare without --strict to skip them)")
         _say(f"warning: skipped {len(failed):,} of {_plural(total, 'file')} that cannot be decoded: {named}{more}")
 
-    def _check_classes(self, listing: Listing, decoded: Decoded) -> None:
-        counts = np.bincount(decoded.labels[0], minlength=len(listing.classes))
+    def _check_classes(self, listing: Listing, labels: tuple[np.ndarray, np.ndarray]) -> None:
+        counts = np.bincount(labels[0], minlength=len(listing.classes))
         lost = [c for c, k in zip(listing.classes, counts) if k == 0]
         if lost:
             raise DataError(f"{listing.root / 'train'}: no decodable image in class folder"
                             f"{'s' if len(lost) > 1 else ''} {', '.join(lost)}")
-        if len(decoded.labels[1]) == 0:
+        if len(labels[1]) == 0:
             raise DataError(f"{listing.root}: no decodable test image (from {listing.test_from})")
 
 
 def imagefolder_name(path: Path) -> str:
     return archive_stem(path) if is_archive(path) else (path.resolve().name or "imagefolder")
+
+
+class FileImages:
+    """Image files decoded as they are read: the files layout, for sets too large to cache.
+
+    Each read gives the aspect layout's array (upright, shorter side capped at ``max_size``, aspect
+    kept; JPEGs decoded at libjpeg's reduced scales), so the crop loaders treat it as ``RaggedImages``.
+    A file that fails to decode while training is skipped and named once on stderr, never raised.
+    """
+
+    nbytes = 0  # nothing held in memory
+
+    def __init__(self, root: Path, files: Sequence[str], max_size: int, channels: int) -> None:
+        self.root, self.files, self.max_size, self.channels = Path(root), tuple(files), max_size, channels
+        self.failed: dict[str, str] = {}  # file -> why, for files that failed while training
+        self._layout = Aspect(channels, max_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Image ``i`` decoded, (C, h, w) uint8; raises what Pillow raises for a bad file."""
+        return decode_image(os.path.join(self.root, self.files[i]), self._layout)[0]
+
+    def _get(self, i: int) -> np.ndarray | None:
+        try:
+            return self[i]
+        except Exception as e:
+            name = self.files[i]
+            if name not in self.failed:
+                self.failed[name] = _reason(e)
+                _say(f"warning: skipped {printable(name)} ({self.failed[name]}): it cannot be decoded")
+            return None
+
+    def subset(self, rows: Sequence[int] | np.ndarray) -> FileImages:
+        """Files ``rows``, in that order (a hold-out split)."""
+        return FileImages(self.root, [self.files[int(i)] for i in rows], self.max_size, self.channels)
+
+    def read(self, rows: Sequence[int], pool: ThreadPoolExecutor | None = None) -> list[np.ndarray | None]:
+        """Images ``rows`` decoded (in ``pool``'s threads when given); None for a file that failed."""
+        rows = [int(i) for i in rows]
+        return list(pool.map(self._get, rows)) if pool is not None else [self._get(i) for i in rows]
+
+    @classmethod
+    def load(cls, directory: Path, split: str, root: Path, max_size: int, channels: int) -> FileImages:
+        """The ``split`` files listed in a prepared cache."""
+        raw = (directory / f"{split}_files.bin").read_bytes()
+        return cls(root, [os.fsdecode(b) for b in raw.split(b"\0")] if raw else [], max_size, channels)

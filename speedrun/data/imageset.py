@@ -10,7 +10,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -18,26 +18,106 @@ from speedrun.data import DataError
 
 
 @dataclass(frozen=True)
+class RaggedImages:
+    """uint8 images of varying sizes, stored back to back in one flat buffer, each (h_i, w_i, C) as decoders
+    give them and channels-last networks take them.
+
+    The aspect-preserving cache (FFCV's "max resolution" idea): each image keeps its own aspect ratio
+    at a capped shorter side, with no padding. ``data`` is a flat numpy array (in memory or a memory
+    map) or a torch tensor (on a device); ``index`` is an (N, 3) int64 array of (offset, height, width).
+    Images are read as (C, h, w) views.
+    """
+
+    data: Any  # flat uint8: numpy array, memory map or torch tensor
+    index: np.ndarray  # (N, 3) int64: offset into data, height, width
+    channels: int
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Any:
+        """Image ``i`` as a (C, h, w) view of the buffer."""
+        offset, h, w = (int(v) for v in self.index[i])
+        pixels = self.data[offset:offset + self.channels * h * w]
+        if isinstance(pixels, np.ndarray):
+            return pixels.reshape(h, w, self.channels).transpose(2, 0, 1)
+        return pixels.view(h, w, self.channels).permute(2, 0, 1)
+
+    def read(self, rows: Sequence[int], pool: Any = None) -> list[Any]:
+        """Images ``rows``, as views (the interface the crop loaders read their stores through)."""
+        return [self[int(i)] for i in rows]
+
+    def subset(self, rows: Sequence[int] | np.ndarray) -> RaggedImages:
+        """Images ``rows`` of this buffer, in that order, sharing it (a hold-out split: nothing copied)."""
+        return RaggedImages(self.data, self.index[np.asarray(rows, dtype=np.int64)], self.channels)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(N, 2) heights and widths."""
+        return self.index[:, 1:]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.channels * (self.index[:, 1] * self.index[:, 2]).sum()) if len(self) else 0
+
+    def to(self, device: Any) -> RaggedImages:
+        """The same images with the buffer as a torch tensor on ``device``. A writable memory map (numpy's
+        copy-on-write mode ``c``) becomes a CPU tensor without a copy: its pages stay the page cache's."""
+        import torch
+
+        data = self.data if isinstance(self.data, torch.Tensor) else torch.from_numpy(self.data)
+        return RaggedImages(data.to(device), self.index, self.channels)
+
+    @classmethod
+    def from_list(cls, images: Sequence[np.ndarray], channels: int = 3) -> RaggedImages:
+        """Pack (C, h, w) uint8 arrays into one buffer (``channels`` when the list is empty)."""
+        if not images:
+            return cls(np.empty(0, np.uint8), np.zeros((0, 3), np.int64), channels)
+        sizes = np.array([im.shape[1:] for im in images], dtype=np.int64)
+        lengths = np.array([im.size for im in images], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        data = np.concatenate([np.ascontiguousarray(np.asarray(im, np.uint8).transpose(1, 2, 0)).ravel()
+                               for im in images])
+        return cls(data, np.column_stack([offsets, sizes]), images[0].shape[0])
+
+
+@dataclass(frozen=True)
 class ImageSet:
-    """A prepared dataset: uint8 images (N, C, H, W) and int64 labels for both splits."""
+    """A prepared dataset: uint8 images and int64 labels for both splits.
+
+    Images are an (N, C, H, W) array (the square cache), ``RaggedImages`` (the aspect-preserving cache)
+    or files decoded on access (``imagefolder.FileImages``). The last two have no one size: the loaders
+    crop them to ``input_size`` (the recipe's ``data.crop_size``, by default the cache's nominal square).
+    """
 
     name: str
-    train_images: np.ndarray
+    train_images: Any  # np.ndarray (N, C, H, W), RaggedImages or FileImages
     train_labels: np.ndarray
-    test_images: np.ndarray
+    test_images: Any
     test_labels: np.ndarray
     classes: tuple[str, ...]
     mean: tuple[float, ...]  # per channel, in [0, 1] pixel units, over the training split
     std: tuple[float, ...]
     details: dict[str, Any] = field(default_factory=dict, compare=False)  # how it was read; kept in meta.json
+    input_size: tuple[int, int] | None = None  # what the loaders emit, for images of no one size
+
+    @property
+    def layout(self) -> str:
+        """``square`` (one size), ``aspect`` (each image its own size) or ``files`` (decoded on access)."""
+        if isinstance(self.train_images, np.ndarray):
+            return "square"
+        return "aspect" if isinstance(self.train_images, RaggedImages) else "files"
 
     @property
     def channels(self) -> int:
-        return self.train_images.shape[1]
+        return self.train_images.shape[1] if isinstance(self.train_images, np.ndarray) else self.train_images.channels
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return tuple(self.train_images.shape[2:])  # type: ignore[return-value]
+        """(H, W) of the images the model sees: the stored size, or ``input_size``."""
+        if isinstance(self.train_images, np.ndarray):
+            return tuple(self.train_images.shape[2:])  # type: ignore[return-value]
+        return tuple(self.input_size or (0, 0))  # type: ignore[return-value]
 
     @property
     def num_classes(self) -> int:
@@ -45,6 +125,7 @@ class ImageSet:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of pixels the set holds once loaded (none for files decoded on access)."""
         return self.train_images.nbytes + self.test_images.nbytes
 
 
@@ -74,7 +155,11 @@ class ChannelMoments:
         self.sum = np.zeros(channels, np.int64)
         self.sum_sq = np.zeros(channels, np.int64)  # overflows past 1.4e14 pixels per channel
 
-    def add(self, images: np.ndarray) -> None:
+    def add(self, images: np.ndarray | RaggedImages) -> None:
+        if isinstance(images, RaggedImages):
+            for i in range(len(images)):
+                self.add(images[i][None])
+            return
         if images.size == 0:
             return
         step = max(1, (1 << 22) // (images[0].size or 1))  # temporaries of a few MB

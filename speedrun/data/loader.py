@@ -75,7 +75,7 @@ def resize_batch(images: Tensor, size: int) -> Tensor:
                                            align_corners=False)
 
 
-def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, float],
+def sample_crop_boxes(n: int, height: int | Tensor, width: int | Tensor, *, scale: tuple[float, float],
                       ratio: tuple[float, float], generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> Tensor:
     """Random crop boxes, an (n, 4) long tensor of (top, left, box height, box width) in pixels.
@@ -85,8 +85,11 @@ def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, fl
     torchvision retries a draw up to 10 times until the box fits; here the area is instead drawn up to
     the largest box that fits at the drawn ratio, so one draw suffices and, whenever some box of that
     ratio fits within ``scale``, every box lies within both ranges (up to rounding to whole pixels).
+    ``height`` and ``width`` are one size for all, or (n,) tensors: a size per image.
     """
     u = torch.rand(n, 4, device=device, generator=generator)
+    height = torch.as_tensor(height, dtype=torch.float32, device=u.device)
+    width = torch.as_tensor(width, dtype=torch.float32, device=u.device)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     r = torch.exp(log_lo + (log_hi - log_lo) * u[:, 0])
     # The largest area fraction with w = sqrt(a*H*W*r) <= W and h = sqrt(a*H*W/r) <= H.
@@ -94,25 +97,36 @@ def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, fl
     hi = fits.clamp(max=scale[1])
     lo = hi.clamp(max=scale[0])
     area = (lo + (hi - lo) * u[:, 1]) * (height * width)
-    w = torch.sqrt(area * r).round().clamp(1, width)
-    h = torch.sqrt(area / r).round().clamp(1, height)
-    top = (u[:, 2] * (height - h + 1)).floor().clamp(max=height - h)
-    left = (u[:, 3] * (width - w + 1)).floor().clamp(max=width - w)
+    w = torch.minimum(torch.sqrt(area * r).round().clamp(min=1), width)
+    h = torch.minimum(torch.sqrt(area / r).round().clamp(min=1), height)
+    top = torch.minimum((u[:, 2] * (height - h + 1)).floor(), height - h)
+    left = torch.minimum((u[:, 3] * (width - w + 1)).floor(), width - w)
     return torch.stack([top, left, h, w], 1).long()
 
 
-def _resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
-    """(n, out_size, in_size) matrices: row i holds the weights F.interpolate(mode="bilinear",
-    antialias=True) gives the input pixels for output pixel i when resizing the window [start, start +
-    length) of each image. A triangle filter, widened by the scale factor when shrinking (antialiasing),
-    zero outside the window, each row normalized."""
-    start, length = start.float()[:, None, None], length.float()[:, None, None]
-    scale = length / out_size  # input pixels per output pixel
-    centre = start + scale * (torch.arange(out_size, device=start.device)[None, :, None] + 0.5)
-    pixel = torch.arange(in_size, device=start.device)[None, None, :] + 0.5  # pixel centres
-    w = (1 - ((pixel - centre) / scale.clamp(min=1.0)).abs()).clamp(min=0)
-    w = w * ((pixel > start) & (pixel < start + length))
+def interpolation_weights(first: Tensor, step: Tensor, lo: Tensor, hi: Tensor, in_size: int,
+                          out_size: int) -> Tensor:
+    """(n, out_size, in_size) matrices of ``F.interpolate(mode="bilinear", antialias=True)``'s weights.
+
+    In pixel units where input pixel p spans [p, p + 1), output pixel i of image k samples the input at
+    ``first[k] + step[k] * (i + 0.5)`` with a triangle filter of half-width ``max(step, 1)`` (widened by the
+    scale when shrinking: antialiasing), over the input pixels whose centres lie in ``(lo[k], hi[k])``;
+    each row normalized. Resizing a window [s, s + L) to ``out_size`` is ``first=s, step=L/out_size,
+    lo=s, hi=s+L``; resizing a whole image and keeping only some output rows moves ``first`` alone.
+    """
+    first, step = first.float()[:, None, None], step.float()[:, None, None]
+    lo, hi = lo.float()[:, None, None], hi.float()[:, None, None]
+    centre = first + step * (torch.arange(out_size, device=first.device)[None, :, None] + 0.5)
+    pixel = torch.arange(in_size, device=first.device)[None, None, :] + 0.5  # pixel centres
+    w = (1 - ((pixel - centre) / step.clamp(min=1.0)).abs()).clamp(min=0)
+    w = w * ((pixel > lo) & (pixel < hi))
     return w / w.sum(-1, keepdim=True)
+
+
+def _resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
+    """Weights that resize the window [start, start + length) of each image to ``out_size``, zero outside it."""
+    start, length = start.float(), length.float()
+    return interpolation_weights(start, length / out_size, start, start + length, in_size, out_size)
 
 
 def crop_resize_batch(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
@@ -286,6 +300,15 @@ class ResidentLoader:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.dtype) if self.dtype != torch.float32 else x
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the batches at rest (not progressively resized): what the model is evaluated on."""
+        return tuple(self.images.shape[-2:])  # type: ignore[return-value]
+
+    def example(self, count: int) -> Tensor:
+        """The first ``count`` images as the model sees them at rest, normalized: for counting FLOPs."""
+        return torch.addcmul(self._shift, self.images[:count].to(self._device, torch.float32), self._scale)
 
     def sample(self, count: int) -> Tensor:
         """``count`` images drawn without replacement (all when fewer), normalized but not augmented: for

@@ -23,8 +23,8 @@ import numpy as np
 from speedrun import paths
 from speedrun.data import DataError
 from speedrun.data.imageset import (  # noqa: F401  (re-exported: readers and users import them from here)
-    ChannelMoments, ImageSet, Source, check_classes, check_space, disk_full, human_bytes, image_set, no_space,
-    printable)
+    ChannelMoments, ImageSet, RaggedImages, Source, check_classes, check_space, disk_full, human_bytes, image_set,
+    no_space, printable)
 from speedrun.data.idx import IdxError, read_idx
 
 
@@ -176,13 +176,23 @@ def cifar100(*, download: bool = True) -> Source:
 BUILTIN = {"fashion-mnist": fashion_mnist, "cifar10": cifar10, "cifar100": cifar100}
 
 
+def source_options(data: Any) -> dict[str, Any]:
+    """The options a recipe's data section (``config.DataConfig``) gives ``resolve``: the image-folder
+    cache's ``max_size`` and its layout (``files`` when the loader decodes as it goes)."""
+    options: dict[str, Any] = {"max_size": data.max_size} if data.max_size else {}
+    layout = "files" if data.loader == "decode" else data.layout
+    return {**options, "layout": layout} if layout != "square" else options
+
+
 def resolve(source: str | Path, *, download: bool = True, max_size: int | None = None,
-            holdout_frac: float | None = None, strict: bool = False, workers: int | None = None) -> Source:
+            holdout_frac: float | None = None, strict: bool = False, workers: int | None = None,
+            layout: str | None = None) -> Source:
     """A built-in dataset name or a path, as a Source; raises DataError with a fix.
 
     Paths may be a folder of MNIST-style IDX files, CIFAR-10/100 pickle batches (folder or
     official archive) or an ImageFolder tree (folder or tar archive). ``max_size``,
-    ``holdout_frac``, ``strict`` and ``workers`` are options of ImageFolder trees.
+    ``holdout_frac``, ``layout`` (square, aspect, files), ``strict`` and ``workers`` are options of
+    ImageFolder trees.
 
     >>> resolve("cifar10", download=False).name  # doctest: +SKIP
     'cifar10'
@@ -190,11 +200,13 @@ def resolve(source: str | Path, *, download: bool = True, max_size: int | None =
     from speedrun.data import cifar, imagefolder
     from speedrun.data.download import is_archive, peek_members
 
-    folder_options = {k: v for k, v in (("max_size", max_size), ("holdout_frac", holdout_frac)) if v is not None}
+    folder_options = {k: v for k, v in (("max_size", max_size), ("holdout_frac", holdout_frac), ("layout", layout))
+                      if v is not None and not (k == "layout" and v == "square")}
 
     def no_tree_options(found: Source) -> Source:
         if folder_options:
-            flags = ", ".join("--" + k.replace("_", "-") for k in folder_options)
+            flags = ", ".join("--" + k.replace("_", "-") + (f" {v}" if k == "layout" else "")
+                              for k, v in folder_options.items())
             what = "CIFAR pickle batches" if isinstance(found, cifar.CifarSource) else "IDX files"
             raise DataError(f"{flags} only apply to image-folder datasets; {source} holds {what}")
         return found
@@ -292,13 +304,15 @@ def prepare(source: Source) -> Prepared:
         k = data.num_classes
         meta = {"name": data.name, "classes": list(data.classes), "mean": data.mean, "std": data.std,
                 "train": len(data.train_labels), "test": len(data.test_labels),
-                "shape": list(data.train_images.shape[1:]), "fingerprint": fingerprint,
+                "layout": data.layout, "shape": [data.channels, *data.image_size], "fingerprint": fingerprint,
                 "prepare_s": time.perf_counter() - start,
                 "version": META_VERSION, "source": source_location(source), "source_type": type(source).__name__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "counts": {"train": np.bincount(data.train_labels, minlength=k).tolist(),
                            "test": np.bincount(data.test_labels, minlength=k).tolist()},
                 "details": data.details}
+        if data.layout == "files":  # where the files are read from as training decodes them
+            meta["files_root"] = str(data.train_images.root)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             tmp.rename(target)
@@ -329,11 +343,37 @@ def load_prepared(directory: Path, *, mmap: bool = False) -> ImageSet:
 
     With ``mmap`` the arrays are read-only memory maps: nothing is read until it is indexed, so a set
     larger than memory can be streamed (``StreamLoader``) and its size known without reading it.
+    An aspect cache's images are ``RaggedImages``; a files cache's, ``FileImages`` (nothing is read).
     """
     try:
         meta = json.loads((directory / "meta.json").read_text())
-        arrays = {key: np.load(directory / f"{key}.npy", mmap_mode="r" if mmap else None) for key in _ARRAYS}
-    except (OSError, ValueError) as e:
+        layout = meta.get("layout", "square")
+        labels = {key: np.load(directory / f"{key}.npy") for key in ("train_labels", "test_labels")}
+        if layout == "square":
+            images = {key: np.load(directory / f"{key}.npy", mmap_mode="r" if mmap else None)
+                      for key in ("train_images", "test_images")}
+        else:
+            images = {f"{split}_images": _load_images(directory, meta, split, mmap) for split in ("train", "test")}
+    except (OSError, ValueError, KeyError) as e:
         raise DataError(f"dataset cache {directory} is unreadable ({e}); delete it to prepare again") from None
-    return ImageSet(meta["name"], arrays["train_images"], arrays["train_labels"], arrays["test_images"],
-                    arrays["test_labels"], tuple(meta["classes"]), tuple(meta["mean"]), tuple(meta["std"]))
+    return ImageSet(meta["name"], images["train_images"], labels["train_labels"], images["test_images"],
+                    labels["test_labels"], tuple(meta["classes"]), tuple(meta["mean"]), tuple(meta["std"]),
+                    input_size=None if layout == "square" else tuple(meta["shape"][1:]))
+
+
+def _load_images(directory: Path, meta: dict[str, Any], split: str, mmap: bool) -> Any:
+    """One split of an aspect cache (``RaggedImages``) or of a files cache (``FileImages``)."""
+    from speedrun.data.imagefolder import FileImages
+
+    channels = meta["shape"][0]
+    if meta["layout"] == "files":
+        root = Path(meta["files_root"])
+        if not root.is_dir():
+            raise DataError(f"the image files of cache {directory} are gone ({printable(str(root))}); delete the "
+                            "cache and prepare again")
+        return FileImages.load(directory, split, root, meta["details"]["options"]["max_size"], channels)
+    pixels = directory / f"{split}_images.u8"
+    # Copy-on-write ("c"), so torch can wrap the map without a copy; nothing ever writes to it.
+    data = (np.memmap(pixels, np.uint8, mode="c") if mmap else np.fromfile(pixels, np.uint8)) \
+        if pixels.stat().st_size else np.empty(0, np.uint8)
+    return RaggedImages(data, np.load(directory / f"{split}_images_index.npy"), channels)

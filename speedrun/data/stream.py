@@ -161,6 +161,11 @@ class StreamLoader(ResidentLoader):
         x = torch.from_numpy(np.take(self.images, rows, axis=0)).to(self._device)
         return torch.addcmul(self._shift, x.to(torch.float32), self._scale)
 
+    def example(self, count: int) -> Tensor:
+        """``ResidentLoader.example``, read from the host arrays."""
+        x = torch.from_numpy(np.array(self.images[:count])).to(self._device)
+        return torch.addcmul(self._shift, x.to(torch.float32), self._scale)
+
     def _read(self, rows: np.ndarray) -> tuple[Tensor, Tensor, torch.cuda.Event | None]:
         """In the prefetch thread: gather ``rows`` (into pinned memory on CUDA) and start the transfer."""
         pin = self._copy_stream is not None

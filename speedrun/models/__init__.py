@@ -23,7 +23,7 @@ from torch import nn
 from speedrun.config import ConfigError, ModelConfig
 from speedrun.models.airbench import AirbenchNet
 from speedrun.models.convnet import ConvNet, MnistNet
-from speedrun.models.resnet import ResNet
+from speedrun.models.resnet import RESNET18_BLOCKS, BasicBlock, ResNet
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
               "max head", stems=("conv", "whiten")),
     ModelSpec("resnet50", lambda cfg, c, k, hw: ResNet(cfg, c, k),
               "ResNet-50 v1.5: bottleneck blocks (3, 4, 6, 3); model.widths are the stage widths",
+              stems=("conv", "small")),
+    ModelSpec("resnet18", lambda cfg, c, k, hw: ResNet(cfg, c, k, RESNET18_BLOCKS, BasicBlock),
+              "ResNet-18: basic blocks (2, 2, 2, 2) of two 3x3 convs; model.widths are the stage widths",
               stems=("conv", "small")),
 )}
 

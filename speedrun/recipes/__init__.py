@@ -28,6 +28,8 @@ RECIPES: dict[str, RecipeSpec] = {spec.name: spec for spec in (
                "CIFAR-10 to 85% on a 2-core CPU: airbench's design at a quarter of the width"),
     RecipeSpec("imagenet-resnet50", imagenet.imagenet_resnet50,
                "ResNet-50 to 75.9% top-1 (MLPerf's target) on an image-folder tree given with --data"),
+    RecipeSpec("imagewoof", imagenet.imagewoof,
+               "Imagewoof (fast.ai's 10 dog breeds) from scratch on a CPU: ResNet-18, aspect-kept crops, FixRes"),
 )}
 
 

@@ -353,8 +353,7 @@ def resume_or_train(store: RunStore, run_id: str | None, *args: Any, **kwargs: A
 
 def prepare_data(data: DataConfig) -> tuple[datalib.Prepared, datalib.ImageSet]:
     """One-time preparation of ``data.source`` (cached; timed in ``prepare_s``), and the cache memory-mapped."""
-    folder_options = {"max_size": data.max_size} if data.max_size else {}
-    prepared = datalib.prepare(datalib.resolve(data.source, **folder_options))
+    prepared = datalib.prepare(datalib.resolve(data.source, **datalib.source_options(data)))
     return prepared, datalib.load_prepared(prepared.directory, mmap=True)
 
 
@@ -411,7 +410,7 @@ class Loaders:
     train: datalib.ResidentLoader  # the training split, less the hold-out when data.val_frac > 0
     test: datalib.ResidentLoader | None  # None when the test split must not be read (read_test=False)
     val: datalib.ResidentLoader | None  # the hold-out, when data.val_frac > 0
-    kind: str  # what data.loader resolved to: resident or stream
+    kind: str  # what data.loader resolved to: resident, stream or decode
     holdout: Holdout | None
 
 
@@ -424,6 +423,13 @@ def build_loaders(recipe: Recipe, directory: Path, dev: torch.device, seed: int,
     test pixel or label is read from the cache.
     """
     images = datalib.load_prepared(directory, mmap=True)  # reads no pixels yet
+    if not read_test and recipe.eval.split == "test":
+        raise ConfigError("this run may not read the test split, but its target is judged on it (eval.split=test)")
+    held = holdout(images.train_labels, recipe.data.val_frac) if recipe.data.val_frac else None
+    if images.layout != "square":  # images of their own sizes: crops made per batch (data/crops.py)
+        images, train, test, val, kind = datalib.crop_loaders(recipe, images, directory, dev, seed, holdout=held,
+                                                              read_test=read_test)
+        return Loaders(images, train, test, val, kind, held)
     kind = datalib.choose_loader(recipe.data.loader, images.nbytes, dev)
     if kind == "stream" and recipe.data.resize_scale_batch:
         raise ConfigError("data.resize_scale_batch needs the resident loader (the stream loader reads batches "
@@ -431,15 +437,12 @@ def build_loaders(recipe: Recipe, directory: Path, dev: torch.device, seed: int,
     if kind == "stream" and recipe.data.val_frac:
         raise ConfigError("data.val_frac needs the resident loader (the stream loader reads the training arrays "
                           "in place); the dataset does not fit in memory, or data.loader=stream")
-    if not read_test and recipe.eval.split == "test":
-        raise ConfigError("this run may not read the test split, but its target is judged on it (eval.split=test)")
     if kind == "stream":
         make_loader = functools.partial(datalib.StreamLoader, device=dev)
     else:
         def make_loader(x, y, **options):  # read the maps (or take the rows already gathered) into memory
             x, y = (a if type(a) is np.ndarray else np.array(a) for a in (x, y))
             return datalib.ResidentLoader(torch.as_tensor(x, device=dev), torch.as_tensor(y, device=dev), **options)
-    held = holdout(images.train_labels, recipe.data.val_frac) if recipe.data.val_frac else None
     train_x, train_y = images.train_images, images.train_labels
     if held is not None:  # rows in file order: a sequential read of the maps
         train_x, train_y = train_x[held.train_rows], train_y[held.train_rows]
@@ -536,7 +539,7 @@ def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock:
         checkpointer.bind(ordered, lambda: [asdict(p) for p in evaluator.curve])
     fit(state, ordered, restore=None if resume is None else functools.partial(checkpoint.restore, hooks=ordered,
                                                                                 saved=resume))
-    state.extras["example"] = next(evaluator.loader.epoch(0))[0][:2]
+    state.extras["example"] = parts.train_loader.example(2)
     return state, evaluator
 
 
@@ -593,7 +596,8 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, tota
         model = parts.model.eval()
         images, ev = parts.images, recipe.eval
         classifier = Classifier(model, classes=images.classes, mean=images.mean, std=images.std,
-                                image_size=images.image_size, tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px,
+                                image_size=parts.eval_loader(ev.split).image_size, tta_flip=ev.tta_flip,
+                                tta_translate_px=ev.tta_translate_px,
                                 channels_last=recipe.train.channels_last, precision=precision,
                                 recipe=recipe.to_dict(), info={"run_id": run_id, "seed": seed,
                                                                "dataset": images.name, "outcome": outcome,
