@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import signal
+import sys
 import uuid
 from typing import Any, Sequence
 
@@ -658,3 +660,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("speedrun: interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (speedrun runs | head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

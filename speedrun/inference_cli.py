@@ -51,7 +51,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from speedrun.inference import load
 
     classifier = load(args.model)
-    files = image_files(Path(args.images))
+    files = [f for path in args.images for f in image_files(Path(path))]
     layout = (classifier.in_channels, *classifier.image_size)
     decoded, names, skipped = [], [], []
     for f in files:
@@ -63,7 +63,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 raise DataError(f"{f}: cannot read it as an image ({type(e).__name__}: {e})") from None
             skipped.append((f, f"{type(e).__name__}: {e}"))
     if not decoded:
-        raise DataError(f"{args.images}: none of its {len(files)} files could be read as an image")
+        raise DataError(f"{' '.join(args.images)}: none of its {len(files)} files could be read as an image")
     probabilities = classifier.predict(np.stack(decoded))
     k = min(args.top_k, len(classifier.classes))
     top = probabilities.topk(k, dim=1)
@@ -144,7 +144,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("predict", help="classify image files with a model saved by train --save")
     p.add_argument("model", help="a model file written by speedrun train --save")
-    p.add_argument("images", help="an image file, or a folder (every file below it)")
+    p.add_argument("images", nargs="+", help="image files, or folders (every file below them)")
     p.add_argument("--top-k", type=positive_int, default=3, help="classes to show per image (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=cmd_predict)

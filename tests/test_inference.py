@@ -71,6 +71,9 @@ def test_predict_command_decodes_files_as_training_did(trained, capsys):
     assert "skipped" in captured.err and "notes.txt" in captured.err
     assert main(["predict", str(path), str(folder / "img0.png")]) == 0
     assert "img0.png:" in capsys.readouterr().out
+    assert main(["predict", str(path), str(folder / "img2.png"), str(folder / "img0.png")]) == 0  # several files
+    assert [line.split(":")[0].rsplit("/", 1)[1] for line in capsys.readouterr().out.splitlines()
+            if line.endswith("%")] == ["img2.png", "img0.png"]
 
 
 def test_evaluate_command_matches_the_run(trained, capsys, monkeypatch):
