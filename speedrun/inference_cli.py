@@ -47,15 +47,20 @@ def _describe(classifier) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from speedrun.data.imagefolder import decode_image
+    from speedrun.data.imagefolder import Aspect, decode_image
     from speedrun.inference import load
 
     classifier = load(args.model)
     files = [f for path in args.images for f in image_files(Path(path))]
-    layout = (classifier.in_channels, *classifier.image_size)
+    data = classifier.recipe.get("data", {})
+    aspect = data.get("layout") == "aspect"
+    # Decoded exactly as the run's evaluations saw images: the square cache's cover-resize and centre crop,
+    # or, for a model trained on the aspect cache, its decode then the resize-and-centre-crop of its evaluation.
+    layout = Aspect(classifier.in_channels, data.get("max_size") or 1 << 30) if aspect else (
+        classifier.in_channels, *classifier.image_size)
     decoded, names, skipped = [], [], []
     for f in files:
-        try:  # decoded exactly as training images were: same mode, cover-resize and centre crop
+        try:
             decoded.append(decode_image(str(f), layout)[0])
             names.append(f)
         except Exception as e:  # Pillow raises many kinds for a file that is not an image
@@ -64,7 +69,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
             skipped.append((f, f"{type(e).__name__}: {e}"))
     if not decoded:
         raise DataError(f"{' '.join(args.images)}: none of its {len(files)} files could be read as an image")
-    probabilities = classifier.predict(np.stack(decoded))
+    if aspect:
+        import torch
+
+        from speedrun.data.crops import centre_views, crop_resize_each
+
+        frac = classifier.recipe.get("eval", {}).get("crop_frac", 0.875)
+        sizes = np.array([image.shape[1:] for image in decoded], dtype=np.int64)
+        views = centre_views(sizes, classifier.image_size[0], frac)
+        pixels = crop_resize_each([torch.from_numpy(np.ascontiguousarray(im)) for im in decoded], views,
+                                  classifier.image_size[0])
+        probabilities = classifier.predict(pixels.contiguous().numpy())
+    else:
+        probabilities = classifier.predict(np.stack(decoded))
     k = min(args.top_k, len(classifier.classes))
     top = probabilities.topk(k, dim=1)
     rows = [{"file": str(f), "top": [{"class": classifier.classes[i], "probability": float(p)}

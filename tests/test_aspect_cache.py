@@ -184,6 +184,19 @@ def test_images_smaller_than_the_crop_train_and_evaluate(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "model.pt"), "--data", str(root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == result.curve[-1].accuracy  # the same crops
+    # predict decodes the files as the aspect cache did and crops them as the evaluation did
+    assert main(["predict", str(tmp_path / "model.pt"), str(root / "test"), "--top-k", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["predictions"]
+    from speedrun.data import CropLoader, load_prepared, prepare, resolve
+
+    images = load_prepared(prepare(resolve(str(root), layout="aspect", max_size=16)).directory, mmap=True)
+    loader = CropLoader(images.test_images.to("cpu"), np.array(images.test_labels), size=32, train=False,
+                        batch_size=4, crop_frac=result.recipe.eval.crop_frac, mean=(0.0,) * 3, std=(1 / 255,) * 3)
+    (x, _), = loader.epoch(0)
+    expected = result.classifier.predict(x / 255)
+    assert [p["file"].rsplit("test/", 1)[1] for p in got] == ["a/00.png", "a/01.png", "b/00.png", "b/01.png"]
+    for row, probs in zip(got, expected):
+        assert row["top"][0]["probability"] == pytest.approx(float(probs.max()), abs=1e-4)
 
 
 # Tiny nets here start at 8 channels, not 4: torch 2.13.0's oneDNN 1x1 stride-2 convolution in channels_last
