@@ -145,6 +145,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from speedrun.recipes.sized import SIZED, default_recipe
     from speedrun.train.run import Budget, resolve_recipe, train
 
+    if args.nproc is not None:
+        return _launch(args)
     if args.resume:
         return _resume(args)
     # Check everything that can be checked before any training starts.
@@ -217,6 +219,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     if any(r.outcome == "interrupted" for r in results):
         return EXIT_INTERRUPTED
     return 0 if all(r.reached or r.outcome == "completed" for r in results) else EXIT_NOT_REACHED
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``train --nproc N``: the same command in N processes on this machine, under torchrun (one data-parallel
+    job; speedrun.train.distributed), each with cores/N threads unless --threads says."""
+    import os
+    import subprocess
+    import sys
+
+    from speedrun.train import distributed
+
+    if distributed.launched():
+        raise ConfigError("--nproc starts a job under torchrun; this process is already one of a job's ranks")
+    argv = list(args.argv)
+    for i, word in enumerate(argv):  # drop --nproc N (or --nproc=N): each rank runs the rest
+        if word == "--nproc":
+            del argv[i:i + 2]
+            break
+        if word.startswith("--nproc="):
+            del argv[i]
+            break
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+    if args.threads is None:
+        argv += ["--threads", str(threads)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "-m", "speedrun", *argv]
+    if not args.json:
+        err.print(f"[dim]{args.nproc} processes x {plural(threads, 'thread')} (torchrun --standalone); rank 0 "
+                  "prints and records[/]", highlight=False)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.call(command, env=env)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -578,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "seed, PATH with -seedK before its suffix); see predict")
     t.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted, lost or failed run from its "
                                                       "checkpoint, as it was recorded (see speedrun runs)")
+    t.add_argument("--nproc", type=positive_int, metavar="N",
+                   help="data-parallel over N processes on this machine (launches torchrun; train.batch_size "
+                        "is the global batch); several machines: torchrun ... -m speedrun train")
     t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     store_option(t)
     t.set_defaults(func=cmd_train)
@@ -649,8 +685,15 @@ def _sigterm_as_interrupt(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # train --nproc runs the same command in each rank
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a killed job is recorded like Ctrl-C
+    if os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ:  # a job's rank (torchrun)
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints the job's results; every rank's errors reach stderr
     try:
         return args.func(args)
     except (ConfigError, DataError, StoreError) as e:
@@ -658,3 +701,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("speedrun: interrupted")
         return EXIT_INTERRUPTED
+    finally:
+        if (job := sys.modules.get("speedrun.train.distributed")) is not None:
+            job.shutdown()  # leave the job's process group, if this process joined one

@@ -78,3 +78,56 @@ def test_two_processes_train_the_weights_one_process_does_on_the_same_global_bat
     dist_env = runs[0]["env"]["distributed"]
     assert dist_env["world_size"] == 2 and dist_env["backend"] == "gloo"
     assert [r["rank"] for r in dist_env["ranks"]] == [0, 1] and all(r["pid"] and r["host"] for r in dist_env["ranks"])
+
+
+def test_sharded_evaluation_counts_an_uneven_last_shard_once_and_evaluates_rank_0s_model(tmp_path):
+    import torch.multiprocessing as mp
+
+    from speedrun.data.loader import ResidentLoader
+    from speedrun.train.hooks import evaluate
+    from tests.ddp_worker import eval_fixture, evaluate_rank
+
+    model, images, labels = eval_fixture()
+    whole = evaluate(model, ResidentLoader(images, labels, batch_size=100, mean=(0.5,), std=(0.25,), train=False))
+    mp.spawn(evaluate_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"eval{r}.pt") for r in (0, 1)]
+    assert [r["served"] for r in ranks] == [150, 100]  # batches 0 and 2 on rank 0, batch 1 on rank 1
+    for r in ranks:  # 250 images counted once each, with rank 0's BatchNorm statistics
+        assert r["accuracy"] == pytest.approx(whole[0], abs=1e-12) and r["loss"] == pytest.approx(whole[1], rel=1e-6)
+
+
+def test_speedrun_train_nproc_runs_one_job_that_rank_0_records_and_prints(synthetic_dir, tmp_path):
+    store = tmp_path / "runs.db"
+    sets = [a for k, v in {**TINY, "train.epochs": "1"}.items() for a in ("--set", f"{k}={v}")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SPEEDRUN_DIST_TIMEOUT_S": "20"}
+    done = subprocess.run([sys.executable, "-m", "speedrun", "train", "--nproc", "2", "--data", str(synthetic_dir),
+                           "--target", "0.999", "--store", str(store), "--json", *sets],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = json.loads(done.stdout.strip().splitlines()[-1])  # one JSON line: rank 0's
+    assert len(done.stdout.strip().splitlines()) == 1, done.stdout
+    assert result["outcome"] == "budget_exhausted" and result["images_seen"] == 1024
+    assert result["env"]["distributed"]["world_size"] == 2 and result["env"]["threads"] == max(1, os.cpu_count() // 2)
+    (run,) = RunStore(store).list_runs()
+    assert run["id"] == result["run_id"] and run["outcome"] == "budget_exhausted"
+
+
+def test_train_batch_not_divisible_by_the_processes_is_refused_in_one_line(synthetic_dir, tmp_path):
+    done = _torchrun(["-m", "speedrun", "train", "--data", str(synthetic_dir), "--set", "train.batch_size=127",
+                      "--store", str(tmp_path / "runs.db")])
+    assert done.returncode != 0
+    assert "speedrun: error: train.batch_size 127 is the global batch, shared among 2 processes" in done.stderr
+    assert "speedrun/train" not in done.stderr  # no traceback from the ranks (torchrun then reports their exit)
+
+
+def test_a_rank_killed_mid_run_ends_the_job_with_a_recorded_outcome_within_the_timeout(synthetic_dir, tmp_path):
+    store = tmp_path / "runs.db"
+    sets = [a for k, v in {**TINY, "train.epochs": "3"}.items() for a in ("--set", f"{k}={v}")]
+    start = time.monotonic()
+    done = _torchrun(["-m", "speedrun", "train", "--data", str(synthetic_dir), "--model",
+                      "tests.own_models:dies_on_rank_1", "--without", ",".join(WITHOUT), "--store", str(store),
+                      "--threads", "1", *sets], timeout_s=100)
+    assert done.returncode != 0
+    assert time.monotonic() - start < 90  # the 20 s collective timeout, plus start-up; never a hang
+    (run,) = RunStore(store).list_runs()
+    assert run["outcome"] == "failed", run
+    assert "rank 0 of a 2-process job" in run["detail"]

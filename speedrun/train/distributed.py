@@ -189,13 +189,15 @@ def plain_module(model: torch.nn.Module) -> torch.nn.Module:
     return inner.module if isinstance(inner, DistributedDataParallel) else inner
 
 
-def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, world: World, *, freezes: bool = False) -> torch.nn.Module:
     """``model`` under DistributedDataParallel: its gradients are averaged over the ranks in backward, so
     every rank's optimizer takes the same step from the same weights (DDP broadcasts rank 0's at the start).
     The optimizer holds ``model``'s own parameters, which DDP shares: Muon and LARS/LAMB see the
-    all-reduced gradients of the real tensors."""
+    all-reduced gradients of the real tensors. ``freezes``: parameters stop training mid-run (stem
+    freezing), so DDP must look for the ones without a gradient after each backward (a walk of the graph
+    per step), else it waits for them."""
     ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=freezes)
 
 
 # ---------------------------------------------------------------- the stop, the whole job's

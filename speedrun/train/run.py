@@ -544,7 +544,10 @@ def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: s
     if world is not None and recipe.model.sync_bn:  # before the optimizer: it keeps the same parameters
         asm.model = nn.SyncBatchNorm.convert_sync_batchnorm(asm.model)
     asm.optimizer = build_optimizer(asm.model, recipe)
-    asm.net = asm.model if world is None else distributed.wrap(asm.model, world)  # before torch.compile
+    if world is not None:  # before torch.compile (train stage), which then compiles DDP's forward
+        asm.net = distributed.wrap(asm.model, world, freezes=0 < recipe.model.stem_train_frac < 1)
+    else:
+        asm.net = asm.model
     registry.assemble(asm, "train")
     return Parts(images=images, loader_kind=loaders.kind, train_loader=train_loader, test_loader=loaders.test,
                  model=asm.model, net=asm.net, optimizer=asm.optimizer, autocast=asm.autocast,
