@@ -67,7 +67,7 @@ def _print_result(r) -> None:
         ("MFU", _mfu(r)),
         ("dataset prep", f"{_fmt_s(r.prepare_s)} one-time, outside the clock"
                          + (" (cached)" if r.prepare_s == 0 else "")),
-        ("device", f"{r.device}, {_threads(r.env)}, {r.env.get('precision')}, torch {r.torch_version}"),
+        ("device", f"{r.device}, {_threads(r.env)}{_ranks(r.env)}, {r.env.get('precision')}, torch {r.torch_version}"),
     ]
     if r.target >= NO_TARGET:  # nothing to reach: the whole schedule ran, and each evaluation says where it was
         rows[0] = ("final accuracy", f"{_fmt_acc(r.final_accuracy)}, best {_fmt_acc(r.best_accuracy)} (no target: "
@@ -93,6 +93,11 @@ def _print_result(r) -> None:
         rows.append(("continue with", f"speedrun train --resume {r.run_id}  (from its last checkpoint)"))
     for name, value in rows:
         out.print(f"  {name:<17} {value}", markup=False, highlight=False)
+
+
+def _ranks(env: dict) -> str:
+    job = env.get("distributed")
+    return f" x {job['world_size']} processes ({job['backend']})" if job else ""
 
 
 def _threads(env: dict) -> str:
@@ -243,13 +248,25 @@ def _launch(args: argparse.Namespace) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
     if args.threads is None:
         argv += ["--threads", str(threads)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-               "-m", "speedrun", *argv]
     if not args.json:
         err.print(f"[dim]{args.nproc} processes x {plural(threads, 'thread')} (torchrun --standalone); rank 0 "
                   "prints and records[/]", highlight=False)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    return subprocess.call(command, env=env)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        run(get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "speedrun",
+                                          *argv]))
+    except ChildFailedError as e:  # a rank's exit status: rank 0's says the job's outcome (1: not reached, ...)
+        failures = e.failures
+        first = failures.get(0) or next(iter(failures.values()))
+        for rank, failure in sorted(failures.items()):
+            if failure.exitcode < 0:  # a rank killed by a signal wrote nothing of its own
+                err.print(f"speedrun: error: rank {rank} was killed by {signal.Signals(-failure.exitcode).name}",
+                          highlight=False)
+        return first.exitcode if first.exitcode > 0 else EXIT_USAGE
+    return 0
 
 
 def _resume(args: argparse.Namespace) -> int:

@@ -130,6 +130,16 @@ def hold_termination() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def finish(world: World) -> None:
+    """The end of a run: every rank waits here for rank 0 to have recorded it, so torchrun, which stops
+    the others when one exits with a non-zero status (a target not reached), never cuts the record short.
+    A job that already failed (a rank lost) has no barrier to wait at: its error is passed over."""
+    try:
+        barrier(world)
+    except Exception:  # the process group broke with the run: what the run recorded stands
+        pass
+
+
 def shutdown() -> None:
     """Leave the process group (the end of a job's process); a no-op when none was joined."""
     global _WORLD

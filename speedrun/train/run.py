@@ -353,6 +353,8 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
                                  curve=[asdict(p) for p in result.curve])
         except StoreError as e:  # the training result must not be lost with the store
             result.store_error = str(e)
+    if world is not None:
+        distributed.finish(world)  # the other ranks exit after rank 0 has recorded the job
     return result
 
 
@@ -649,6 +651,8 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, tota
         flops, useful = _count_flops(parts, state)
         peak = matmul_peak(dev, env["device_name"], precision_dtype(precision)) * world_size
         theory = theoretical_peak(dev.type, env["device_name"], precision, threads=torch.get_num_threads())
+        if theory is not None and world_size > 1:  # the job's: every rank's device or cores
+            theory = replace(theory, flops=theory.flops * world_size, how=f"{world_size} processes x ({theory.how})")
     model = classifier = None
     if parts is not None and state is not None:  # trained, however far
         model = parts.model.eval()
@@ -673,7 +677,7 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, tota
         images_per_s=ips, flops_per_image=flops, flops_per_s=flops * ips, peak_flops=peak,
         mfu=useful * ips / peak if peak else 0.0, useful_flops_per_image=useful, useful_flops_per_s=useful * ips,
         theoretical_peak_flops=theory.flops if theory else None, theoretical_peak=theory.how if theory else "",
-        mfu_theoretical=useful * ips / (theory.flops * world_size) if theory else None,
+        mfu_theoretical=useful * ips / theory.flops if theory else None,
         device=env["device_name"], torch_version=torch.__version__,
         env=env, curve=curve, model=model, classifier=classifier, val_accuracy=split_accuracy.get("val"),
         test_accuracy=split_accuracy.get("test"))
