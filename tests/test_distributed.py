@@ -80,6 +80,15 @@ def test_two_processes_train_the_weights_one_process_does_on_the_same_global_bat
     assert [r["rank"] for r in dist_env["ranks"]] == [0, 1] and all(r["pid"] and r["host"] for r in dist_env["ranks"])
 
 
+def test_a_time_budget_on_rank_0s_clock_stops_every_rank_at_the_same_step(unlearnable_dir, tmp_path):
+    options = dict(recipe="fashion-mnist", data=str(unlearnable_dir), model="tests.own_models:plain_net",
+                   overrides={**EXACT, "train.epochs": "200"}, without=WITHOUT, target=NEVER, budget="4s",
+                   threads=1, store=str(tmp_path / "runs.db"))
+    _, job = _job(tmp_path, options)  # the ranks' weights are equal: the same steps (checked there)
+    assert job["outcome"] == "budget_exhausted" and "time budget of 4 s" in job["detail"]
+    assert 0 < job["steps"] < 200 * 8
+
+
 def test_sharded_evaluation_counts_an_uneven_last_shard_once_and_evaluates_rank_0s_model(tmp_path):
     import torch.multiprocessing as mp
 
@@ -130,4 +139,4 @@ def test_a_rank_killed_mid_run_ends_the_job_with_a_recorded_outcome_within_the_t
     assert time.monotonic() - start < 90  # the 20 s collective timeout, plus start-up; never a hang
     (run,) = RunStore(store).list_runs()
     assert run["outcome"] == "failed", run
-    assert "rank 0 of a 2-process job" in run["detail"]
+    assert "rank 0 of a 2-process job" in run["detail"], run["detail"]
