@@ -311,7 +311,11 @@ def _check_writable(path: str) -> None:
 
 
 def _save_model(r, path: str, seed: int | None, *, quiet: bool) -> None:
+    import os
     from pathlib import Path
+
+    if os.environ.get("RANK", "0") != "0":  # a data-parallel job's ranks hold the same model: rank 0 saves it
+        return
 
     target = Path(path)
     if seed is not None:

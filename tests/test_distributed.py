@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from speedrun.config import ConfigError
 from speedrun.store import RunStore
 from speedrun.train.run import train
 from tests.conftest import TINY
@@ -134,9 +135,35 @@ def test_a_rank_killed_mid_run_ends_the_job_with_a_recorded_outcome_within_the_t
     start = time.monotonic()
     done = _torchrun(["-m", "speedrun", "train", "--data", str(synthetic_dir), "--model",
                       "tests.own_models:dies_on_rank_1", "--without", ",".join(WITHOUT), "--store", str(store),
-                      "--threads", "1", *sets], timeout_s=100)
+                      "--threads", "1", *sets], timeout_s=100, env={"TEST_KILL_AT_FORWARD": "4"})
     assert done.returncode != 0
     assert time.monotonic() - start < 90  # the 20 s collective timeout, plus start-up; never a hang
     (run,) = RunStore(store).list_runs()
     assert run["outcome"] == "failed", run
     assert "rank 0 of a 2-process job" in run["detail"], run["detail"]
+
+
+def test_a_job_cut_short_by_a_lost_rank_resumes_on_every_rank_to_the_weights_of_an_uninterrupted_one(
+        unlearnable_dir, tmp_path):
+    store, saved = tmp_path / "runs.db", tmp_path / "resumed.pt"
+    options = {**EXACT, "train.checkpoint_every_s": "0.0001"}  # a checkpoint after every step
+    sets = [a for k, v in options.items() for a in ("--set", f"{k}={v}")]
+    common = ["--data", str(unlearnable_dir), "--model", "tests.own_models:dies_on_rank_1", "--without",
+              ",".join(WITHOUT), "--target", str(NEVER), "--seed", "5", "--threads", "1", *sets]
+    cut = _torchrun(["-m", "speedrun", "train", "--store", str(store), *common], env={"TEST_KILL_AT_FORWARD": "7"})
+    assert cut.returncode != 0
+    (run,) = RunStore(store).list_runs()
+    assert run["outcome"] == "failed" and (store.parent / "checkpoints" / f"{run['id']}.pt").is_file()
+    with pytest.raises(ConfigError, match="trained in 2 process"):  # one process: its batch shares are 2
+        train(resume=run["id"], store=str(store))
+    done = _torchrun(["-m", "speedrun", "train", "--resume", run["id"], "--store", str(store), "--threads", "1",
+                      "--save", str(saved)])
+    (run,) = RunStore(store).list_runs()
+    assert run["outcome"] == "budget_exhausted" and run["resumes"] == 1, done.stderr[-2000:]
+    whole = _job(tmp_path, dict(recipe="fashion-mnist", data=str(unlearnable_dir), model="tests.own_models:plain_net",
+                                overrides=options, without=WITHOUT, target=NEVER, seed=5, threads=1, store=None))[0]
+    import speedrun
+
+    resumed = speedrun.load(saved).net.state_dict()
+    for name, tensor in whole.items():  # exact: no augmentation, whose per-rank generators rank 0's replace
+        assert torch.equal(resumed[name], tensor), name

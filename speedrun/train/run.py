@@ -240,6 +240,9 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
         model = None if isinstance(model, str) else model  # the recorded model.name stands
     # Under torchrun: join the job (speedrun.train.distributed); rank 0 prepares the data and keeps the record.
     world = distributed.init(resolve_device(device).type)
+    if resumed and (saved := resumed.payload["settings"].get("world_size", 1)) != (world.world_size if world else 1):
+        raise ConfigError(f"run {resumed.run_id} trained in {saved} process(es), each with its share of the batch and "
+                          f"its place in the epoch: resume it with as many (--nproc {saved}, or torchrun)")
     if data is not None:
         values["data.source"] = str(data)
     if target is not None:
@@ -307,7 +310,8 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     if run_store and recipe.train.checkpoint_every_s > 0:
         checkpointer = checkpoint.Checkpointer(
             run_store.checkpoint_path(run_id), every_s=recipe.train.checkpoint_every_s, clock=clock,
-            settings={"budget": asdict(budget), "stop_at_target": stop_at_target, "device": dev.type},
+            settings={"budget": asdict(budget), "stop_at_target": stop_at_target, "device": dev.type,
+                      "world_size": 1 if world is None else world.world_size},
             **(resumed.payload["checkpoints"] if resumed else {}))
     on_point = _point_recorder(run_store, run_id) if run_store else None
     state: FitState | None = None
