@@ -496,7 +496,7 @@ def build_loaders(recipe: Recipe, directory: Path, dev: torch.device, seed: int,
         train_x, train_y = train_x[held.train_rows], train_y[held.train_rows]
     common = dict(mean=images.mean, std=images.std, channels_last=recipe.train.channels_last)
     train_loader = make_loader(
-        train_x, train_y, batch_size=recipe.train.batch_size // datalib.process_shard()[1],  # the global batch
+        train_x, train_y, batch_size=recipe.train.batch_size // datalib.process_shard()[1],  # this rank's share
         train=True, seed=seed, flip=recipe.data.flip, alternating_flip=recipe.data.alternating_flip,
         translate_px=recipe.data.translate_px, cutout_px=recipe.data.cutout_px,
         rrc_scale=recipe.data.rrc_scale or None, rrc_ratio=recipe.data.rrc_ratio, **common)
