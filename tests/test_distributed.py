@@ -167,3 +167,38 @@ def test_a_job_cut_short_by_a_lost_rank_resumes_on_every_rank_to_the_weights_of_
     resumed = speedrun.load(saved).net.state_dict()
     for name, tensor in whole.items():  # exact: no augmentation, whose per-rank generators rank 0's replace
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_agreement_holds_a_hooks_stop_for_the_next_batch_and_takes_ctrl_c_and_the_loop_end_as_stops():
+    import signal
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from speedrun.train.distributed import Agreement, World
+    from speedrun.train.loop import StopFit
+
+    class Diverges:
+        def after_loss(self, state):
+            raise StopFit("diverged", "loss became nan")
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        agreement = Agreement(World(0, 1, 0, "gloo", torch.device("cpu"), 30.0))
+        hook, state = agreement.defer(Diverges()), SimpleNamespace(step=3, outcome="running", detail="")
+        agreement.before_fit(state)
+        hook.after_loss(state)  # held, not raised: the other ranks are still in this step
+        with pytest.raises(StopFit, match="loss became nan") as stop:
+            agreement.before_batch(state)
+        assert stop.value.outcome == "diverged"
+        agreement.before_batch(state)  # settled: nothing held any more
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: a flag, not a KeyboardInterrupt in a collective
+        with pytest.raises(StopFit, match="interrupted at step 3"):
+            agreement.before_batch(state)
+        hook.after_loss(state)  # held when the loop then ends by itself: the outcome is the stop's
+        state.outcome = "completed"
+        agreement.after_fit(state)
+        assert (state.outcome, state.detail) == ("diverged", "loss became nan")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        dist.destroy_process_group()
