@@ -8,6 +8,8 @@ each process's environment; ``init`` joins the group from them, over gloo on the
 Every collective has a timeout, ``SPEEDRUN_DIST_TIMEOUT_S`` seconds (default 300): a rank that dies or
 hangs makes the others' next collective fail within it, so the job ends with a recorded outcome instead
 of waiting for ever (gloo usually notices a dead peer's closed socket at once; the timeout is the bound).
+NCCL applies it through its watchdog (torch's default TORCH_NCCL_ASYNC_ERROR_HANDLING), which aborts the
+process rather than raising: on GPUs a lost rank ends the others, and their run reads back as ``lost``.
 
 A stop decided on one rank (a time budget on rank 0's clock, a NaN in one rank's loss, Ctrl-C) must be
 the whole job's at the same step, or the other ranks wait in the next gradient all-reduce for a rank that
@@ -34,7 +36,7 @@ TIMEOUT_ENV, DEFAULT_TIMEOUT_S = "SPEEDRUN_DIST_TIMEOUT_S", 300.0
 
 
 class Terminated(Exception):
-    """SIGTERM in a rank: torchrun stops the job's other processes so when one of them fails."""
+    """SIGTERM in a rank: torchrun stops a job's other processes so when one of them fails."""
 
 
 @dataclass(frozen=True)
