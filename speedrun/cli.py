@@ -69,7 +69,7 @@ def _print_result(r) -> None:
         ("MFU", _mfu(r)),
         ("dataset prep", f"{_fmt_s(r.prepare_s)} one-time, outside the clock"
                          + (" (cached)" if r.prepare_s == 0 else "")),
-        ("device", f"{r.device}, {_threads(r.env)}, {r.env.get('precision')}, torch {r.torch_version}"),
+        ("device", f"{r.device}, {_threads(r.env)}{_ranks(r.env)}, {r.env.get('precision')}, torch {r.torch_version}"),
     ]
     if r.target >= NO_TARGET:  # nothing to reach: the whole schedule ran, and each evaluation says where it was
         rows[0] = ("final accuracy", f"{_fmt_acc(r.final_accuracy)}, best {_fmt_acc(r.best_accuracy)} (no target: "
@@ -95,6 +95,11 @@ def _print_result(r) -> None:
         rows.append(("continue with", f"speedrun train --resume {r.run_id}  (from its last checkpoint)"))
     for name, value in rows:
         out.print(f"  {name:<17} {value}", markup=False, highlight=False)
+
+
+def _ranks(env: dict) -> str:
+    job = env.get("distributed")
+    return f" x {job['world_size']} processes ({job['backend']})" if job else ""
 
 
 def _threads(env: dict) -> str:
@@ -147,6 +152,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from speedrun.recipes.sized import SIZED, default_recipe
     from speedrun.train.run import Budget, resolve_recipe, train
 
+    if args.nproc is not None:
+        return _launch(args)
     if args.resume:
         return _resume(args)
     # Check everything that can be checked before any training starts.
@@ -221,6 +228,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if all(r.reached or r.outcome == "completed" for r in results) else EXIT_NOT_REACHED
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """``train --nproc N``: the same command in N processes on this machine, under torchrun (one data-parallel
+    job; speedrun.train.distributed), each with cores/N threads unless --threads says."""
+    import os
+    import subprocess
+    import sys
+
+    from speedrun.train import distributed
+
+    if distributed.launched():
+        raise ConfigError("--nproc starts a job under torchrun; this process is already one of a job's ranks")
+    argv = list(args.argv)
+    for i, word in enumerate(argv):  # drop --nproc N (or --nproc=N): each rank runs the rest
+        if word == "--nproc":
+            del argv[i:i + 2]
+            break
+        if word.startswith("--nproc="):
+            del argv[i]
+            break
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+    if args.threads is None:
+        argv += ["--threads", str(threads)]
+    if not args.json:
+        err.print(f"[dim]{args.nproc} processes x {plural(threads, 'thread')} (torchrun --standalone); rank 0 "
+                  "prints and records[/]", highlight=False)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        run(get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "speedrun",
+                                          *argv]))
+    except ChildFailedError as e:  # a rank's exit status: rank 0's says the job's outcome (1: not reached, ...)
+        failures = e.failures
+        first = failures.get(0) or next(iter(failures.values()))
+        for rank, failure in sorted(failures.items()):
+            if failure.exitcode < 0:  # a rank killed by a signal wrote nothing of its own
+                err.print(f"speedrun: error: rank {rank} was killed by {signal.Signals(-failure.exitcode).name}",
+                          highlight=False)
+        return first.exitcode if first.exitcode > 0 else EXIT_USAGE
+    return 0
+
+
 def _resume(args: argparse.Namespace) -> int:
     """``train --resume RUN_ID``: continue a run from its checkpoint, in its own store row."""
     from speedrun.train.run import train
@@ -263,7 +313,11 @@ def _check_writable(path: str) -> None:
 
 
 def _save_model(r, path: str, seed: int | None, *, quiet: bool) -> None:
+    import os
     from pathlib import Path
+
+    if os.environ.get("RANK", "0") != "0":  # a data-parallel job's ranks hold the same model: rank 0 saves it
+        return
 
     target = Path(path)
     if seed is not None:
@@ -580,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "seed, PATH with -seedK before its suffix); see predict")
     t.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted, lost or failed run from its "
                                                       "checkpoint, as it was recorded (see speedrun runs)")
+    t.add_argument("--nproc", type=positive_int, metavar="N",
+                   help="data-parallel over N processes on this machine (launches torchrun; train.batch_size "
+                        "is the global batch); several machines: torchrun ... -m speedrun train")
     t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     store_option(t)
     t.set_defaults(func=cmd_train)
@@ -651,8 +708,15 @@ def _sigterm_as_interrupt(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # train --nproc runs the same command in each rank
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a killed job is recorded like Ctrl-C
+    if os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ:  # a job's rank (torchrun)
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints the job's results; every rank's errors reach stderr
     try:
         return args.func(args)
     except (ConfigError, DataError, StoreError) as e:
@@ -663,3 +727,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (speedrun runs | head): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        if (job := sys.modules.get("speedrun.train.distributed")) is not None:
+            job.shutdown()  # leave the job's process group, if this process joined one

@@ -94,6 +94,9 @@ class ModelConfig:
     # start, 1: never frozen. See speedrun.techniques.freezing.
     stem_train_frac: float = 1.0
     dirac: bool = False  # start the first min(in, out) filters of each 3x3 conv as the identity (airbench)
+    # In a data-parallel job (speedrun.train.distributed): BatchNorm statistics over the global batch
+    # (SyncBatchNorm, GPUs only), not each rank's share of it. No effect in a single process.
+    sync_bn: bool = False
 
 
 @dataclass(frozen=True)

@@ -26,3 +26,32 @@ def positional_only(in_channels, num_classes, image_size, /) -> nn.Module:
 
 
 NOT_CALLABLE = 3
+
+
+def plain_net(*, in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+    """No BatchNorm: a data-parallel job's gradients then equal one process's on the same global batch
+    (BatchNorm normalizes each rank's share by its own statistics)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+class _DiesOnRank1(nn.Sequential):
+    """Kills its own process (SIGKILL, as the OOM killer would) at the training forward numbered
+    $TEST_KILL_AT_FORWARD of rank 1 (none without it)."""
+
+    calls = 0
+
+    def forward(self, x):
+        import os
+        import signal
+
+        if self.training and os.environ.get("RANK") == "1":
+            type(self).calls += 1
+            if str(type(self).calls) == os.environ.get("TEST_KILL_AT_FORWARD"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
+
+
+def dies_on_rank_1(*, in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+    return _DiesOnRank1(*plain_net(in_channels=in_channels, num_classes=num_classes, image_size=image_size))

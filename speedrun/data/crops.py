@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from speedrun.data.loader import (ResidentLoader, alternating_flip_mask, cutout_batch, interpolation_weights,
-                                  sample_crop_boxes, translate_batch)
+                                  process_shard, sample_crop_boxes, translate_batch)
 
 
 @dataclass(frozen=True)
@@ -323,12 +323,12 @@ def crop_loaders(recipe: Any, images: Any, directory: Any, device: torch.device,
     if holdout is not None:
         train_x, train_y = train_x.subset(holdout.train_rows), train_y[holdout.train_rows]
     train_loader = CropLoader(
-        train_x, train_y, size=size, batch_size=recipe.train.batch_size, train=True,
+        train_x, train_y, size=size, batch_size=recipe.train.batch_size // process_shard()[1], train=True,
         seed=seed, flip=data.flip, alternating_flip=data.alternating_flip, translate_px=data.translate_px,
         cutout_px=data.cutout_px, rrc_scale=data.rrc_scale or None, rrc_ratio=data.rrc_ratio, **common)
-    # Every rank evaluates the whole split: the evaluator does not all-reduce its counts.
+    # Each rank evaluates its share of the split; the evaluator all-reduces the counts (train.hooks.evaluate).
     evaluation = functools.partial(CropLoader, size=recipe.eval.crop_size or size, batch_size=recipe.eval.batch_size,
-                                   train=False, rank=0, world_size=1, **common)
+                                   train=False, **common)
     test_loader = evaluation(images.test_images, images.test_labels) if read_test else None
     val_loader = None if holdout is None else evaluation(images.train_images.subset(holdout.val_rows),
                                                          images.train_labels[holdout.val_rows])

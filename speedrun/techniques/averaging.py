@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from speedrun.config import AverageConfig
+from speedrun.train.distributed import plain_module
 
 
 @torch.no_grad()
@@ -98,7 +99,7 @@ class EMA:
         self.last_step = 0
 
     def before_fit(self, state) -> None:
-        self.live = getattr(state.model, "_orig_mod", state.model)  # under the torch.compile wrapper
+        self.live = plain_module(state.model)  # under the torch.compile wrapper and DistributedDataParallel
         self.averaged = copy.deepcopy(self.live).requires_grad_(False)
         self._pairs = [(a, p) for a, p in zip(self.averaged.parameters(), self.live.parameters())]
         self._buffers = list(zip(self.averaged.buffers(), self.live.buffers()))

@@ -57,7 +57,9 @@ PAUSE_ENV = "SPEEDRUN_TEST_CHECKPOINT_PAUSE"
 # ---------------------------------------------------------------- the state of a fit
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)  # under the torch.compile wrapper
+    from speedrun.train.distributed import plain_module
+
+    return plain_module(model)  # under the torch.compile wrapper and DistributedDataParallel
 
 
 def stateful_hooks(hooks: Sequence[object]) -> dict[str, object]:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from speedrun.measure.clock import Clock
 from speedrun.techniques.tta import tta_logits
+from speedrun.train import distributed
 from speedrun.train.loop import FitState, StopFit
 
 
@@ -29,7 +30,16 @@ class EvalPoint:
 def evaluate(model: nn.Module, loader, *, tta_flip: bool = False, tta_translate_px: int = 0,
              autocast=contextlib.nullcontext) -> tuple[float, float]:
     """Accuracy and mean cross-entropy over ``loader``; with test-time augmentation, the logits are
-    averaged over mirrored (``tta_flip``) and shifted (``tta_translate_px``) copies of each image."""
+    averaged over mirrored (``tta_flip``) and shifted (``tta_translate_px``) copies of each image.
+
+    A loader sharded over the ranks of a job (``world_size > 1``) serves each rank its share of the split
+    (the last shards may be short or empty); the counts and loss sums are all-reduced, so every rank
+    returns the whole split's figures, of rank 0's model (its buffers broadcast first).
+    """
+    sharded = getattr(loader, "world_size", 1) > 1
+    model = distributed.local_module(model)  # DDP's forward would start collectives the shards cannot match
+    if sharded:
+        distributed.sync_buffers(model)
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
@@ -41,6 +51,8 @@ def evaluate(model: nn.Module, loader, *, tta_flip: bool = False, tta_translate_
         correct += int((logits.argmax(1) == y).sum())
         count += len(y)
     model.train(was_training)
+    if sharded:
+        correct, loss_sum, count = distributed.all_reduce_sums([correct, loss_sum, count])
     return correct / count, loss_sum / count
 
 
@@ -55,8 +67,10 @@ class Evaluator:
 
     def __init__(self, loader, *, clock: Clock, target: float | None, every_steps: int = 0,
                  every_s: float = 0.0, start_step: int = 0, tta_flip: bool = False,
-                 tta_translate_px: int = 0, on_point: Callable[[EvalPoint], None] | None = None) -> None:
+                 tta_translate_px: int = 0, on_point: Callable[[EvalPoint], None] | None = None,
+                 agree: Callable[[bool], bool] | None = None) -> None:
         self.loader, self.clock, self.target, self.on_point = loader, clock, target, on_point
+        self.agree = agree  # in a job, rank 0's decision to evaluate on its clock (every_s), for every rank
         self.every_steps, self.every_s, self.start_step = every_steps, every_s, start_step
         self.tta_flip, self.tta_translate_px = tta_flip, tta_translate_px
         self.curve: list[EvalPoint] = []
@@ -98,6 +112,8 @@ class Evaluator:
             due = True
         if self.every_s and self.clock.elapsed(sync=False) - self._last_eval_s >= self.every_s:
             due = True
+        if self.every_s and self.agree is not None:
+            due = self.agree(due)
         if due:
             self.run(state)
 

@@ -29,7 +29,7 @@ from speedrun.store import RESUMABLE, RunStore, StoreError, new_run_id
 from speedrun.techniques import registry
 from speedrun.techniques.optimizers import build_optimizer
 from speedrun.techniques.schedules import LRSchedule
-from speedrun.train import checkpoint
+from speedrun.train import checkpoint, distributed
 from speedrun.train.assembly import Assembly
 from speedrun.train.hooks import DivergenceGuard, EvalPoint, Evaluator, ProgressBar, TimeBudget, evaluate
 from speedrun.train.loop import FitState, fit
@@ -238,6 +238,11 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
         settings = resumed.payload["settings"]
         budget, stop_at_target = Budget(**settings["budget"]), settings["stop_at_target"]
         model = None if isinstance(model, str) else model  # the recorded model.name stands
+    # Under torchrun: join the job (speedrun.train.distributed); rank 0 prepares the data and keeps the record.
+    world = distributed.init(resolve_device(device).type)
+    if resumed and (saved := resumed.payload["settings"].get("world_size", 1)) != (world.world_size if world else 1):
+        raise ConfigError(f"run {resumed.run_id} trained in {saved} process(es), each with its share of the batch and "
+                          f"its place in the epoch: resume it with as many (--nproc {saved}, or torchrun)")
     if data is not None:
         values["data.source"] = str(data)
     if target is not None:
@@ -255,7 +260,7 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
                                                  + ", ".join(f"{k}={v}" for k, v in changed.items()))
     recipe = registry.without(resolve_recipe(recipe).override(values), without)
     budget = Budget.parse(budget)
-    dev = resolve_device(device)
+    dev = resolve_device(device) if world is None else world.device
     if threads is not None:
         if threads < 1:
             raise ConfigError("--threads must be >= 1")
@@ -273,25 +278,40 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     if prepared is None:
         prepared, mapped = prepare_data(recipe.data)
     recipe = check_run(recipe, mapped, source_model, adapt=sized)
+    if world is not None:
+        check_job(recipe, world)
 
     env = {**environment(dev), "precision": precision}
     if recipe.data.val_frac:  # recorded when the run starts: the same rows for every seed (speedrun.data.split)
         env["val_split"] = holdout(mapped.train_labels, recipe.data.val_frac).describe()
-    run_store = resumed.store if resumed else _store_for(store)
+    run_store = None if world and not world.is_main else resumed.store if resumed else _store_for(store)
     run_id = resumed.run_id if resumed else new_run_id()
-    if resumed:  # the same row, running again; what the run recorded about its earlier processes is kept
-        env = {**env, "resumed": [*resumed.run["env"].get("resumed", []), _resume_note(resumed)]}
-        run_store.resume_run(resumed.run, env=env, curve=resumed.payload["curve"])
-    elif run_store:
-        run_store.start_run(run_id=run_id, recipe_name=recipe.name, recipe=recipe.to_dict(), env=env,
-                            target=recipe.target, seed=seed, group_id=group_id)
+    if world is not None:  # one run in the store per job: rank 0's id, with every rank's host and process
+        run_id = distributed.broadcast_object(world, run_id)
+        env["distributed"] = world.describe()
+        progress = progress and world.is_main
+    store_problem = None
+    try:
+        if resumed and run_store:  # the same row, running again; what the run recorded before is kept
+            env = {**env, "resumed": [*resumed.run["env"].get("resumed", []), _resume_note(resumed)]}
+            run_store.resume_run(resumed.run, env=env, curve=resumed.payload["curve"])
+        elif run_store:
+            run_store.start_run(run_id=run_id, recipe_name=recipe.name, recipe=recipe.to_dict(), env=env,
+                                target=recipe.target, seed=seed, group_id=group_id)
+    except StoreError as e:
+        store_problem = str(e)
+    if world is not None:  # every rank raises rank 0's store error, or none does
+        store_problem = distributed.broadcast_object(world, store_problem)
+    if store_problem:
+        raise StoreError(store_problem)
 
     clock = Clock(sync=torch.cuda.synchronize if dev.type == "cuda" else None)
     checkpointer = None
     if run_store and recipe.train.checkpoint_every_s > 0:
         checkpointer = checkpoint.Checkpointer(
             run_store.checkpoint_path(run_id), every_s=recipe.train.checkpoint_every_s, clock=clock,
-            settings={"budget": asdict(budget), "stop_at_target": stop_at_target, "device": dev.type},
+            settings={"budget": asdict(budget), "stop_at_target": stop_at_target, "device": dev.type,
+                      "world_size": 1 if world is None else world.world_size},
             **(resumed.payload["checkpoints"] if resumed else {}))
     on_point = _point_recorder(run_store, run_id) if run_store else None
     state: FitState | None = None
@@ -302,6 +322,8 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     # when the first optimizer is built (1.5-1.9 s on the 2-core CPU), which otherwise lands in the first
     # run of each process (every `speedrun train`) and not in later ones.
     importlib.import_module("torch._dynamo")
+    if world is not None:
+        distributed.barrier(world)  # the ranks start together: rank 0's clock is the job's
     clock.start()  # MLPerf: before the dataset is touched
     if resumed:
         clock.carry(resumed.elapsed_s, resumed.eval_s)
@@ -309,16 +331,19 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
         parts = build_parts(recipe, prepared.directory, dev, precision, seed, model=source_model,
                             read_test=read_test)
         state, evaluator = _fit(recipe, parts, dev, budget, clock, progress, stop_at_target, on_point, hooks,
-                                checkpointer=checkpointer, resume=resumed.payload["fit"] if resumed else None)
+                                checkpointer=checkpointer, resume=resumed.payload["fit"] if resumed else None,
+                                world=world)
     except KeyboardInterrupt:
         error = "interrupted before training started"
     except Exception as e:  # recorded as a failed run, never lost
-        error = f"{type(e).__name__}: {e}"
+        where = "" if world is None else f" (rank {world.rank} of a {world.world_size}-process job)"
+        error = f"{type(e).__name__}{where}: {e}"
         env = {**env, "traceback": traceback.format_exc()}
+    distributed.hold_termination()  # from here on the outcome is being recorded: torchrun's SIGTERM waits
     total = clock.stop()
 
     result = _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, total, dev, precision,
-                     env, error)
+                     env, error, world_size=1 if world is None else world.world_size)
     result.resumes = resumed.run["resumes"] + 1 if resumed else 0
     if checkpointer:
         result.checkpoints_written, result.checkpoint_s = checkpointer.written, checkpointer.seconds
@@ -332,6 +357,8 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
                                  curve=[asdict(p) for p in result.curve])
         except StoreError as e:  # the training result must not be lost with the store
             result.store_error = str(e)
+    if world is not None:
+        distributed.finish(world)  # the other ranks exit after rank 0 has recorded the job
     return result
 
 
@@ -352,9 +379,30 @@ def resume_or_train(store: RunStore, run_id: str | None, *args: Any, **kwargs: A
 
 
 def prepare_data(data: DataConfig) -> tuple[datalib.Prepared, datalib.ImageSet]:
-    """One-time preparation of ``data.source`` (cached; timed in ``prepare_s``), and the cache memory-mapped."""
-    prepared = datalib.prepare(datalib.resolve(data.source, **datalib.source_options(data)))
+    """One-time preparation of ``data.source`` (cached; timed in ``prepare_s``), and the cache memory-mapped.
+    In a job rank 0 prepares it first and the other ranks then find it prepared (one machine, or a
+    shared SPEEDRUN_HOME)."""
+    world = distributed.current()
+    if world is not None and not world.is_main:
+        distributed.barrier(world)
+    try:
+        prepared = datalib.prepare(datalib.resolve(data.source, **datalib.source_options(data)))
+    finally:
+        if world is not None and world.is_main:
+            distributed.barrier(world)
     return prepared, datalib.load_prepared(prepared.directory, mmap=True)
+
+
+def check_job(recipe: Recipe, world: distributed.World) -> None:
+    """Refuse what a data-parallel job cannot run as the recipe says: ``train.batch_size`` is the global
+    batch, shared evenly among the ranks."""
+    n, b = world.world_size, recipe.train.batch_size
+    if b % n:
+        raise ConfigError(f"train.batch_size {b} is the global batch, shared among {n} processes: set a multiple of "
+                          f"{n} (e.g. --set train.batch_size={max(n, b - b % n)})")
+    if recipe.model.sync_bn and world.device.type != "cuda":
+        raise ConfigError("model.sync_bn needs GPUs: torch's SyncBatchNorm does not run on the CPU "
+                          "(leave it off: each rank then normalizes with its own share's statistics)")
 
 
 def check_run(recipe: Recipe, images: datalib.ImageSet, model: Callable[..., nn.Module] | nn.Module | None, *,
@@ -448,12 +496,12 @@ def build_loaders(recipe: Recipe, directory: Path, dev: torch.device, seed: int,
         train_x, train_y = train_x[held.train_rows], train_y[held.train_rows]
     common = dict(mean=images.mean, std=images.std, channels_last=recipe.train.channels_last)
     train_loader = make_loader(
-        train_x, train_y, batch_size=recipe.train.batch_size,
+        train_x, train_y, batch_size=recipe.train.batch_size // datalib.process_shard()[1],  # this rank's share
         train=True, seed=seed, flip=recipe.data.flip, alternating_flip=recipe.data.alternating_flip,
         translate_px=recipe.data.translate_px, cutout_px=recipe.data.cutout_px,
         rrc_scale=recipe.data.rrc_scale or None, rrc_ratio=recipe.data.rrc_ratio, **common)
-    # Every rank evaluates the whole split: the evaluator does not all-reduce its counts.
-    evaluation = dict(batch_size=recipe.eval.batch_size, train=False, rank=0, world_size=1, **common)
+    # Each rank evaluates its share of the split; the evaluator all-reduces the counts (train.hooks.evaluate).
+    evaluation = dict(batch_size=recipe.eval.batch_size, train=False, **common)
     test_loader = make_loader(images.test_images, images.test_labels, **evaluation) if read_test else None
     val_loader = None if held is None else make_loader(images.train_images[held.val_rows],
                                                        images.train_labels[held.val_rows], **evaluation)
@@ -498,8 +546,14 @@ def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: s
     asm = Assembly(recipe=recipe, device=dev, precision=precision, seed=seed, num_classes=images.num_classes,
                    image_size=images.image_size, train_loader=train_loader, model=net.to(dev), init_images=INIT_IMAGES)
     registry.assemble(asm, "model")
+    world = distributed.current()
+    if world is not None and recipe.model.sync_bn:  # before the optimizer: it keeps the same parameters
+        asm.model = nn.SyncBatchNorm.convert_sync_batchnorm(asm.model)
     asm.optimizer = build_optimizer(asm.model, recipe)
-    asm.net = asm.model
+    if world is not None:  # before torch.compile (train stage), which then compiles DDP's forward
+        asm.net = distributed.wrap(asm.model, world, freezes=0 < recipe.model.stem_train_frac < 1)
+    else:
+        asm.net = asm.model
     registry.assemble(asm, "train")
     return Parts(images=images, loader_kind=loaders.kind, train_loader=train_loader, test_loader=loaders.test,
                  model=asm.model, net=asm.net, optimizer=asm.optimizer, autocast=asm.autocast,
@@ -510,25 +564,29 @@ def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: s
 def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock: Clock, progress: bool,
          stop_at_target: bool, on_point: Callable[[EvalPoint], None] | None,
          user_hooks: Sequence[object], *, checkpointer: checkpoint.Checkpointer | None = None,
-         resume: Mapping[str, Any] | None = None) -> tuple[FitState, Evaluator]:
-    """Run the fit; ``resume``: the fit state of a checkpoint to continue from (``checkpoint.snapshot``)."""
+         resume: Mapping[str, Any] | None = None, world: distributed.World | None = None
+         ) -> tuple[FitState, Evaluator]:
+    """Run the fit; ``resume``: the fit state of a checkpoint to continue from (``checkpoint.snapshot``).
+    In a job (``world``) the time budget is judged on rank 0's clock and every rank stops with it
+    (``distributed.Agreement``); the steps count each rank's share of the global batch."""
     spe = len(parts.train_loader)
     schedule_steps = max(1, math.ceil(recipe.train.epochs * spe))
     max_steps = schedule_steps if budget.epochs is None else min(schedule_steps, math.ceil(budget.epochs * spe))
     state = FitState(model=parts.net, optimizer=parts.optimizer, autocast=parts.autocast,
                      grad_scaler=parts.grad_scaler, loss_fn=parts.loss_fn, loader=parts.train_loader,
                      schedule_steps=schedule_steps, max_steps=max_steps,
-                     step_images=recipe.train.batch_size,  # the schedule counts images
+                     step_images=parts.train_loader.batch_size,  # the schedule counts images (this rank's)
                      extras={"loader": parts.loader_kind})
     ev = recipe.eval
     evaluator = Evaluator(parts.eval_loader(ev.split), clock=clock, target=recipe.target if stop_at_target and recipe.target < NO_TARGET else None,
                           every_steps=max(1, round(ev.every_epochs * spe)) if ev.every_epochs else 0,
                           every_s=ev.every_s, start_step=math.ceil(ev.start_frac * schedule_steps),
-                          tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px, on_point=on_point)
+                          tta_flip=ev.tta_flip, tta_translate_px=ev.tta_translate_px, on_point=on_point,
+                          agree=None if world is None else functools.partial(distributed.agree, world))
     hooks = [*parts.hooks, (ORDER_SCHEDULE, LRSchedule(recipe.schedule, momentum=recipe.optim.momentum)),
              (ORDER_GUARD, DivergenceGuard(1 if dev.type == "cpu" else 25)), (ORDER_EVAL, evaluator),
              *((ORDER_USER, h) for h in user_hooks)]
-    if budget.seconds is not None:
+    if budget.seconds is not None and (world is None or world.is_main):
         hooks.append((ORDER_BUDGET, TimeBudget(budget.seconds, clock)))
     if progress:
         hooks.append((ORDER_PROGRESS, ProgressBar(clock)))
@@ -537,8 +595,12 @@ def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock:
     ordered = [h for _, h in sorted(hooks, key=lambda pair: pair[0])]  # stable: equal orders keep their order
     if checkpointer is not None:
         checkpointer.bind(ordered, lambda: [asdict(p) for p in evaluator.curve])
-    fit(state, ordered, restore=None if resume is None else functools.partial(checkpoint.restore, hooks=ordered,
-                                                                                saved=resume))
+    looped: list[object] = ordered
+    if world is not None:  # a stop any one rank decides waits for the next batch, where all ranks take it
+        agreement = distributed.Agreement(world)
+        looped = [h if h is evaluator else agreement.defer(h) for h in ordered] + [agreement]
+    fit(state, looped, restore=None if resume is None else functools.partial(checkpoint.restore, hooks=ordered,
+                                                                               saved=resume))
     state.extras["example"] = parts.train_loader.example(2)
     return state, evaluator
 
@@ -567,7 +629,9 @@ def _count_flops(parts: Parts, state: FitState) -> tuple[float, float]:
 
 
 def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, total, dev, precision, env,
-            error) -> TrainResult:
+            error, *, world_size: int = 1) -> TrainResult:
+    """The run's figures; in a job of ``world_size`` ranks, images and FLOP/s are the job's (every rank
+    trained as many images as this one), its peak that many devices'."""
     outcome = "failed" if error and "interrupted" not in error else "interrupted" if error else state.outcome
     detail = error or state.detail
     if outcome == "completed" and recipe.target >= NO_TARGET and state.schedule_step >= state.schedule_steps:
@@ -584,13 +648,15 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, tota
     if state is not None:
         env = {**env, "loader": state.extras.get("loader")}  # what data.loader=auto resolved to
     train_s = clock.elapsed() - clock.eval_s
-    images_seen = state.images_seen if state else 0
+    images_seen = state.images_seen * world_size if state else 0
     flops = useful = peak = 0.0
     theory = None
     if state is not None and "example" in state.extras:  # counted after the clock stopped
         flops, useful = _count_flops(parts, state)
-        peak = matmul_peak(dev, env["device_name"], precision_dtype(precision))
+        peak = matmul_peak(dev, env["device_name"], precision_dtype(precision)) * world_size
         theory = theoretical_peak(dev.type, env["device_name"], precision, threads=torch.get_num_threads())
+        if theory is not None and world_size > 1:  # the job's: every rank's device or cores
+            theory = replace(theory, flops=theory.flops * world_size, how=f"{world_size} processes x ({theory.how})")
     model = classifier = None
     if parts is not None and state is not None:  # trained, however far
         model = parts.model.eval()
