@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from speedrun.argtypes import target_fraction
 from speedrun.attribution import RESAMPLES, Ratio, Sample, ratio_of_products
-from speedrun.config import KEEPING_KEYS, ConfigError
+from speedrun.config import KEEPING_KEYS, ConfigError, flatten_keys
 from speedrun.console import escape, new_console, percent, plural
 from speedrun.measure.stats import seed_stats
 from speedrun.store import RunStore
@@ -79,16 +79,6 @@ def dataset_of(run: Mapping[str, Any]) -> str:
     return str(((run.get("recipe") or {}).get("data") or {}).get("source") or "?").rstrip("/").split("/")[-1] or "?"
 
 
-def _flat(recipe: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in recipe.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _value(v: Any) -> str:
     """A recipe value as ``--set`` takes it."""
     if isinstance(v, bool):
@@ -110,7 +100,7 @@ def recipe_labels(runs: Sequence[Mapping[str, Any]]) -> tuple[dict[str, str], li
     """
     configs: dict[str, dict[str, dict[str, Any]]] = {}  # name -> key -> flat recipe
     for run in runs:
-        configs.setdefault(str(run["recipe_name"]), {}).setdefault(recipe_key(run), _flat(_recipe(run)))
+        configs.setdefault(str(run["recipe_name"]), {}).setdefault(recipe_key(run), flatten_keys(_recipe(run)))
     labels: dict[str, str] = {}
     notes: list[str] = []
     for name, by_key in configs.items():

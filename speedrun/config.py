@@ -394,3 +394,14 @@ def from_dict(data: Mapping[str, Any]) -> Recipe:
         if old in flat:
             flat.update(replace(flat.pop(old)))
     return Recipe().override(flat)
+
+
+def flatten_keys(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict (a stored recipe) as dotted keys: ``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from speedrun.config import ConfigError, Recipe
+from speedrun.config import ConfigError, Recipe, flatten_keys
 from speedrun.store import RunStore, StoreError
 from speedrun.tune import objective as obj
 from speedrun.tune import space as spaces
@@ -246,7 +246,7 @@ def check_identity(name: str, stored: Mapping[str, Any], wanted: Mapping[str, An
         if old == new:
             continue
         if isinstance(old, dict) and isinstance(new, dict):  # name the first setting that differs
-            a, b = _flat(old), _flat(new)
+            a, b = flatten_keys(old), flatten_keys(new)
             key_diff = next(k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
             what, shown_old, shown_new = f"{labels[key]} {key_diff}", a.get(key_diff, "-"), b.get(key_diff, "-")
         elif key == "target":
@@ -255,16 +255,6 @@ def check_identity(name: str, stored: Mapping[str, Any], wanted: Mapping[str, An
             what, shown_old, shown_new = labels.get(key, key), old, new
         raise ConfigError(f"study {name!r} exists with another {what} ({shown_old}, not {shown_new}); "
                           "choose another --study name, or repeat its command")
-
-
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            found.update(_flat(v, f"{prefix}{k}."))
-        else:
-            found[f"{prefix}{k}"] = v
-    return found
 
 
 def _finished_states():
