@@ -1,7 +1,7 @@
 """Benchmark `speedrun tune` (issue 17): a timed tune of fashion-mnist against the built-in recipe, the
 tuning overhead per trial, and trials per hour with 2 workers against 1.
 
-    flock /work/wt/bench.lock .venv/bin/python benchmarks/bench_tune.py tune [--budget 30m] [--seeds 5]
+    flock /work/wt/bench.lock .venv/bin/python benchmarks/bench_tune.py tune [--budget 30m] [--seeds 5] [--resume DIR]
     flock /work/wt/bench.lock .venv/bin/python benchmarks/bench_tune.py workers [--trials 4]
     flock /work/wt/bench.lock .venv/bin/python benchmarks/bench_tune.py overhead [--trials 100]
 
@@ -35,14 +35,16 @@ def load() -> str:
     return "load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def bench_tune(budget: str, seeds: int, workers: int) -> None:
-    work = Path(tempfile.mkdtemp(prefix="bench-tune-"))
+def bench_tune(budget: str, seeds: int, workers: int, resume: Path | None = None) -> None:
+    work = resume or Path(tempfile.mkdtemp(prefix="bench-tune-"))
     store, journal, out = work / "runs.sqlite", work / "tune.journal", work / "best.toml"
     before = load()
     print(f"## tune: {budget}, {workers} worker(s); {before}", flush=True)
     start = time.time()
-    result = tune("fashion-mnist", time_budget=budget, storage=str(journal), study="bench", store=str(store),
-                  out=out, workers=workers, say=lambda line: print(line, flush=True))
+    # Resuming a finished search (--resume) runs no new trial (trials=1: the study already holds more).
+    how = {"trials": 1} if resume else {"time_budget": budget}
+    result = tune("fashion-mnist", storage=str(journal), study="bench", store=str(store),
+                  out=out, workers=workers, say=lambda line: print(line, flush=True), **how)
     tune_s = time.time() - start
     print(json.dumps(result.to_dict(), default=str), flush=True)
     print(f"tune took {tune_s / 60:.1f} min; {load()}", flush=True)
@@ -125,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--resume", type=Path, help="tune: the work folder of an earlier run whose search ended; "
+                                               "confirm, test and compare it without searching again")
     args = p.parse_args(argv)
     if args.part == "tune":
-        bench_tune(args.budget, args.seeds, args.workers)
+        bench_tune(args.budget, args.seeds, args.workers, args.resume)
     elif args.part == "overhead":
         bench_overhead(args.trials)
     else:

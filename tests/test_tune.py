@@ -261,6 +261,61 @@ def _journal_trials(home: Path, study: str) -> list:
     return optuna.load_study(study_name=study, storage=open_storage(str(home / "tune.journal"))).get_trials()
 
 
+def _confirmation_study(rows):
+    """An in-memory study of finished trials: (lr, search time, search accuracy), trial #0 the recipe."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    study = optuna.create_study(direction="minimize")
+    for i, (lr, seconds, accuracy) in enumerate(rows):
+        attrs = {"best_accuracy": accuracy, **({"note": "the recipe itself"} if i == 0 else {})}
+        study.add_trial(optuna.trial.create_trial(value=seconds, params={"optim.lr": lr},
+                                                  distributions={"optim.lr": FloatDistribution(0.1, 2.0)},
+                                                  user_attrs=attrs))
+    return study
+
+
+def _fake_train(passing_lrs, ran):
+    from types import SimpleNamespace
+
+    def train(recipe, *, seed, **kwargs):
+        ran.append((recipe.optim.lr, seed))
+        hit = recipe.optim.lr in passing_lrs or seed % 2 == 1  # a failing candidate misses on even seeds
+        return SimpleNamespace(run_id=f"{recipe.optim.lr}:{seed}", outcome="reached" if hit else "budget_exhausted",
+                               reached=hit, time_to_accuracy_s=20 * recipe.optim.lr if hit else None,
+                               best_accuracy=0.93 if hit else 0.918)
+    return train
+
+
+@pytest.mark.parametrize("rounds, passing, winner, confirmed", [
+    # Round 1 (#1, #2, the fastest) fails; round 2 takes the fastest beating 92.48%: #4, then #0.
+    (3, {0.9}, 4, [1, 2, 4, 0]),
+    # Nothing faster passes in the rounds allowed: the recipe itself is confirmed last and wins.
+    (1, {0.6}, 0, [1, 2, 0]),
+    # Nothing passes at all: no winner.
+    (1, set(), None, [1, 2, 0]),
+])
+def test_confirmation_rounds_then_the_recipe_itself(monkeypatch, rounds, passing, winner, confirmed):
+    import dataclasses
+
+    from speedrun.tune import study as study_module
+
+    study = _confirmation_study([(0.6, 30.0, 0.931), (1.0, 10.0, 0.9248), (1.1, 11.0, 0.9215),
+                                 (1.2, 12.0, 0.9202), (0.9, 16.7, 0.9277), (0.8, 17.0, 0.921)])
+    plan = dataclasses.replace(study_module.make_plan("fashion-mnist", trials=1), confirm_top=2, confirm_seeds=2,
+                               confirm_rounds=rounds)
+    ran: list = []
+    monkeypatch.setattr(study_module, "_train", _fake_train(passing, ran))
+    found = study_module.confirm(plan, study, say=lambda line: None, run_store=None)
+    assert [c.trial for c in found] == confirmed
+    best = study_module.winner(found)
+    assert (None if best is None else best.trial) == winner
+    # Every confirmation is stored in the study: confirming again trains nothing.
+    ran.clear()
+    again = study_module.confirm(plan, study, say=lambda line: None, run_store=None)
+    assert ran == [] and [c.trial for c in again] == confirmed
+
+
 def test_tune_searches_confirms_tests_once_and_writes_a_recipe_train_runs(synthetic_dir, space_file, tmp_path,
                                                                           isolated_home, monkeypatch, capsys):
     import dataclasses

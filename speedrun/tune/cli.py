@@ -24,7 +24,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                      workers=args.workers, val_frac=args.val_frac, sampler=args.sampler, sampler_seed=args.seed,
                      prune=not args.no_prune, prune_slack=args.prune_slack, prune_margin=args.prune_margin,
                      trial_budget=args.trial_budget, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,
-                     out=args.out, device=args.device, threads=args.threads, store=args.store,
+                     confirm_rounds=args.confirm_rounds, out=args.out, device=args.device, threads=args.threads, store=args.store,
                      overrides=parse_sets(args.set))
     try:
         result = run_plan(plan, say=say)
@@ -50,6 +50,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     t = result.test or {}
     got = f"reached in {t['time_s']:.1f} s" if t.get("outcome") == "reached" else f"{t.get('outcome')}"
     acc = "" if t.get("test_accuracy") is None else f", test accuracy {t['test_accuracy']:.2%}"
+    if result.best_trial == result.recipe_trial:
+        out.print("[bold yellow]no faster values held up on every fresh seed[/]: the recipe's own values are the "
+                  "best confirmed", highlight=False)
     out.print(f"[bold green]best: trial #{result.best_trial}[/]; test split (seed {t.get('seed')}, read once): "
               f"{got}{acc}", highlight=False)
     out.print(f"wrote {result.out}: speedrun train --recipe {result.out}", highlight=False)
@@ -150,6 +153,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--trial-budget", help="cap on one trial, e.g. 5m (a trial stopped by it scores as a miss)")
     p.add_argument("--confirm-top", type=positive_int, default=3, help="candidates re-run on fresh seeds (default 3)")
     p.add_argument("--confirm-seeds", type=positive_int, default=3, help="fresh seeds per candidate (default 3)")
+    p.add_argument("--confirm-rounds", type=positive_int, default=3,
+                   help="rounds of candidates when none passes, each beating the failed ones' search accuracy; "
+                        "then the recipe itself (default 3)")
     p.add_argument("--out", help="where to write the best recipe (default ./STUDY.toml)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=positive_int, help="CPU threads per worker (default: the cores / workers)")
