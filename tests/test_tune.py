@@ -316,6 +316,18 @@ def test_confirmation_rounds_then_the_recipe_itself(monkeypatch, rounds, passing
     assert ran == [] and [c.trial for c in again] == confirmed
 
 
+def test_the_written_recipe_is_judged_on_test_at_the_test_target():
+    from speedrun.tune import study as study_module
+
+    study = _confirmation_study([(0.6, 30.0, 0.931)])
+    plan = study_module.make_plan("fashion-mnist", trials=1, target=0.928, test_target=0.92)
+    final = study_module.final_recipe(plan, study.trials[0])
+    assert plan.base.target == 0.928 and plan.base.eval.split == "val"
+    assert final.target == 0.92 and final.eval.split == "test" and final.data.val_frac == 0.1
+    same = study_module.final_recipe(study_module.make_plan("fashion-mnist", trials=1, target=0.928), study.trials[0])
+    assert same.target == 0.928
+
+
 def test_tune_searches_confirms_tests_once_and_writes_a_recipe_train_runs(synthetic_dir, space_file, tmp_path,
                                                                           isolated_home, monkeypatch, capsys):
     import dataclasses

@@ -50,7 +50,8 @@ def cifar10_cpu() -> Recipe:
         "name": "cifar10-cpu",
         "description": "airbench-style net at 32/64/128 widths for a 2-core CPU: frozen whitened stem, dirac "
                        "init, Muon filters + Nesterov SGD, lookahead, alternating flip, translate, flip-TTA; "
-                       "5.5 epochs, chosen on the test split with seeds 0-2 by hand (no validation split)",
+                       "5.5 epochs, chosen on the test split with seeds 0-2 by hand (no validation split); on fresh "
+                       "seeds 100-102 2 of 3 reached 85% (84.96% the miss)",
         "target": 0.85,
         "model.widths": (32, 64, 128),
         "model.stem_train_frac": 0.0,

@@ -24,7 +24,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                      workers=args.workers, val_frac=args.val_frac, sampler=args.sampler, sampler_seed=args.seed,
                      prune=not args.no_prune, prune_slack=args.prune_slack, prune_margin=args.prune_margin,
                      trial_budget=args.trial_budget, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,
-                     confirm_rounds=args.confirm_rounds, out=args.out, device=args.device, threads=args.threads, store=args.store,
+                     confirm_rounds=args.confirm_rounds, test_target=args.test_target, out=args.out, device=args.device, threads=args.threads, store=args.store,
                      overrides=parse_sets(args.set))
     try:
         result = run_plan(plan, say=say)
@@ -57,10 +57,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
               f"{got}{acc}", highlight=False)
     out.print(f"wrote {result.out}: speedrun train --recipe {result.out}", highlight=False)
     if t.get("outcome") != "reached":
-        out.print(f"[bold yellow]the winner missed {result.target:.2%} on the test split[/] although it reached it "
-                  "on every validation seed: the hold-out (drawn from the training split) can run easier than the "
-                  "test split (on Fashion-MNIST by ~0.85 points); tune again with a --target that much higher",
-                  highlight=False)
+        judged = result.recipe.target if result.recipe is not None else result.target
+        out.print(f"[bold yellow]the winner missed {judged:.2%} on the test split[/] although it reached "
+                  f"{result.target:.2%} on every validation seed: the hold-out (drawn from the training split) can run "
+                  "easier than the test split (on Fashion-MNIST by ~0.85 points); tune again with a --target that "
+                  "much higher and --test-target at the test target", highlight=False)
     o = result.overhead
     if o:
         out.print(f"[dim]tuning overhead per trial (median of {o['trials']:.0f}): {o['tuning_s'] * 1e3:.0f} ms of "
@@ -161,6 +162,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--confirm-rounds", type=positive_int, default=3,
                    help="rounds of candidates when none passes, each beating the failed ones' search accuracy; "
                         "then the recipe itself (default 3)")
+    p.add_argument("--test-target", type=target_fraction,
+                   help="the target the written recipe is judged at on the test split (default: --target); "
+                        "for a hold-out easier than the test split, e.g. --target 0.928 --test-target 0.92")
     p.add_argument("--out", help="where to write the best recipe (default ./STUDY.toml)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=positive_int, help="CPU threads per worker (default: the cores / workers)")

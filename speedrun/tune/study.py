@@ -116,6 +116,7 @@ class Plan:
     confirm_top: int
     confirm_seeds: int
     confirm_rounds: int
+    test_target: float | None  # the target the written recipe (and the one test read) is judged at
     out: Path
     device: str
     threads: int | None
@@ -139,7 +140,7 @@ def make_plan(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path
               study: str | None = None, workers: int = 1, val_frac: float = 0.1, sampler: str = "tpe",
               sampler_seed: int = 0, prune: bool = True, prune_slack: float = 1.25, prune_margin: float = 0.01,
               trial_budget: str | float | None = None, confirm_top: int = 3, confirm_seeds: int = 3,
-              confirm_rounds: int = 3, out: str | Path | None = None, device: str = "auto", threads: int | None = None,
+              confirm_rounds: int = 3, test_target: float | None = None, out: str | Path | None = None, device: str = "auto", threads: int | None = None,
               store: str | None = None, overrides: Mapping[str, Any] | None = None) -> Plan:
     """Check the command before anything is written; ConfigError (one line) for what cannot run."""
     from speedrun.recipes import RECIPES
@@ -153,6 +154,8 @@ def make_plan(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path
         raise ConfigError(f"--workers must be >= 1; got {workers}")
     if confirm_top < 1 or confirm_seeds < 1 or confirm_rounds < 1:
         raise ConfigError("--confirm-top, --confirm-seeds and --confirm-rounds must be >= 1")
+    if test_target is not None and not 0 < test_target <= 1:
+        raise ConfigError(f"--test-target must be in (0, 1]; got {test_target}")
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     if not 0 < val_frac <= 0.5:
@@ -196,7 +199,7 @@ def make_plan(recipe: str | Path | Recipe = "fashion-mnist", *, data: str | Path
     if not out_path.parent.is_dir() or not os.access(out_path.parent, os.W_OK):
         raise ConfigError(f"--out {out_path}: cannot write in {out_path.parent}")
     return Plan(base, base_name, found, name, storage, trials, budget_s, trial_s, workers, sampler, sampler_seed,
-                prune, rule, confirm_top, confirm_seeds, confirm_rounds, out_path, device, threads, store)
+                prune, rule, confirm_top, confirm_seeds, confirm_rounds, test_target, out_path, device, threads, store)
 
 
 def _seconds(text: str | float | None, flag: str) -> float | None:
@@ -583,8 +586,10 @@ def measure_test(plan: Plan, study, trial_number: int, recipe: Recipe, *, say: C
 
 
 def final_recipe(plan: Plan, trial) -> Recipe:
-    """The winner as the TOML states it: judged on the test split, with the search's hold-out."""
-    return plan.base.override({**trial.params, "eval.split": "test"})
+    """The winner as the TOML states it: judged on the test split (at ``plan.test_target`` when given,
+    else the study's target), with the search's hold-out."""
+    judged = {"eval.split": "test", **({} if plan.test_target is None else {"target": plan.test_target})}
+    return plan.base.override({**trial.params, **judged})
 
 
 def write_recipe(plan: Plan, recipe: Recipe, *, description: str) -> Path:
