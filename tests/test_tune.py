@@ -405,7 +405,11 @@ def test_a_study_name_with_another_target_or_recipe_is_refused_and_nothing_writt
     capsys.readouterr()
     args = tune_args(synthetic_dir, tmp_path, "--trials", "1", "--study", "s2")
     args[args.index("--target") + 1] = "0.7"
-    assert main(args) == 2
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own checks exit with its one-line usage error
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert "exists with another target (80.00%, not 70.00%)" in err and len(err.strip().splitlines()) == 1
     assert main(args[:1] + ["--recipe", "baseline"] + args[1:]) == 2
@@ -429,6 +433,8 @@ def test_an_unreachable_storage_is_a_one_line_error(synthetic_dir, space_file, t
     (["--trials", "1", "--time-budget", "3ep"], "wall-clock time"),
     (["--trials", "1", "--trial-budget", "200000"], "at most"),
     (["--trials", "1", "--prune-slack", "0.5"], "--prune-slack must be >= 1"),
+    (["--trials", "1", "--test-target", "1.5"], "target must be in (0, 1]"),
+    (["--trials", "1", "--confirm-rounds", "0"], "--confirm-rounds"),
 ])
 def test_bad_tune_options_are_one_line_errors(synthetic_dir, space_file, tmp_path, capsys, extra, message):
     from speedrun.cli import main
@@ -436,8 +442,20 @@ def test_bad_tune_options_are_one_line_errors(synthetic_dir, space_file, tmp_pat
     args = tune_args(synthetic_dir, tmp_path, *extra)
     if "--space" in extra:
         args[args.index("--space") + 1] = extra[extra.index("--space") + 1]
-    assert main(args) == 2
-    assert message in capsys.readouterr().err
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own checks exit with its one-line usage error
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_bad_test_target_from_the_library_is_a_config_error():
+    from speedrun.tune.study import make_plan
+
+    with pytest.raises(ConfigError, match="--test-target must be in"):
+        make_plan("fashion-mnist", trials=1, test_target=1.5)
 
 
 # ---------------------------------------------------------------- processes: workers, kill -9, resume
