@@ -153,7 +153,7 @@ def test_a_job_cut_short_by_a_lost_rank_resumes_on_every_rank_to_the_weights_of_
     cut = _torchrun(["-m", "speedrun", "train", "--store", str(store), *common], env={"TEST_KILL_AT_FORWARD": "7"})
     assert cut.returncode != 0
     (run,) = RunStore(store).list_runs()
-    assert run["outcome"] == "failed" and (store.parent / "checkpoints" / f"{run['id']}.pt").is_file()
+    assert run["outcome"] == "failed" and (store.parent / "checkpoints" / f"{run['id']}.pt").is_file(), cut.stderr[-4000:]
     with pytest.raises(ConfigError, match="trained in 2 process"):  # one process: its batch shares are 2
         train(resume=run["id"], store=str(store))
     done = _torchrun(["-m", "speedrun", "train", "--resume", run["id"], "--store", str(store), "--threads", "1",
@@ -202,3 +202,43 @@ def test_agreement_holds_a_hooks_stop_for_the_next_batch_and_takes_ctrl_c_and_th
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     finally:
         dist.destroy_process_group()
+
+
+class _LostPeer(torch.nn.Module):
+    """Fails its first training forward as a collective does when another rank is gone."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(1, 4)
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("Connection closed by peer")
+        return self.head(x.mean((1, 2, 3))[:, None])
+
+
+def test_torchruns_sigterm_while_a_lost_ranks_error_is_handled_still_records_the_run(
+        synthetic_dir, tmp_path, monkeypatch):
+    """torchrun's SIGTERM and a lost rank's collective error arrive together: the signal can land while
+    the error is being handled (here: while its traceback is formatted). The run is recorded as failed,
+    with the first error, never left unrecorded (read back as ``lost``)."""
+    import signal
+
+    from speedrun.train import distributed
+    from speedrun.train import run as run_module
+
+    def signal_arrives():
+        distributed._terminated(signal.SIGTERM, None)  # what Python runs when the SIGTERM lands here
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, distributed._terminated)
+    monkeypatch.setattr(run_module.traceback, "format_exc", signal_arrives)
+    try:
+        result = train(model=_LostPeer(), data=str(synthetic_dir), store=str(tmp_path / "runs.db"),
+                       without=WITHOUT, overrides=EXACT, target=NEVER, threads=1)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a second SIGTERM cannot interrupt the record
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    (run,) = RunStore(tmp_path / "runs.db").list_runs()
+    assert result.outcome == run["outcome"] == "failed"
+    assert "Connection closed by peer" in run["detail"], run["detail"]

@@ -365,7 +365,7 @@ def test_tune_searches_confirms_tests_once_and_writes_a_recipe_train_runs(synthe
     study_test = [r for r in runs if r["recipe"]["eval"]["split"] == "test"][0]
     winner = next(t for t in trials if t.number == int(study_test["recipe_name"].split("#")[1]))
     assert best.optim.lr == winner.params["optim.lr"] and best.train.epochs == winner.params["train.epochs"]
-    assert best.eval.split == "test" and best.data.val_frac == 0.1 and "chosen on a 10% validation" in best.description
+    assert best.eval.split == "test" and best.data.val_frac == 0.1 and "on a 10% validation hold-out" in best.description
     same = lambda r: dataclasses.replace(r, name="x", description="")
     assert same(best) == same(from_dict(study_test["recipe"]))  # the test run trained exactly what was written
     assert main(["train", "--recipe", str(tmp_path / "best.toml"), "--threads", "1"]) == 0

@@ -121,6 +121,9 @@ def init(device_type: str) -> World | None:
 
 
 def _terminated(signum: int, frame: Any) -> None:
+    # Raised once per run: a second SIGTERM must not cut short the handling of the first (or of the
+    # collective's own error, which a lost rank raises at about the same moment).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated("terminated (SIGTERM): torchrun stops every process of a job when one of them fails")
 
 

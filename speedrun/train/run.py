@@ -327,19 +327,22 @@ def train(recipe: str | Path | Recipe = "fashion-mnist", *, model: ModelArg = No
     clock.start()  # MLPerf: before the dataset is touched
     if resumed:
         clock.carry(resumed.elapsed_s, resumed.eval_s)
+    where = "" if world is None else f" (rank {world.rank} of a {world.world_size}-process job)"
     try:
-        parts = build_parts(recipe, prepared.directory, dev, precision, seed, model=source_model,
-                            read_test=read_test)
-        state, evaluator = _fit(recipe, parts, dev, budget, clock, progress, stop_at_target, on_point, hooks,
-                                checkpointer=checkpointer, resume=resumed.payload["fit"] if resumed else None,
-                                world=world)
-    except KeyboardInterrupt:
-        error = "interrupted before training started"
-    except Exception as e:  # recorded as a failed run, never lost
-        where = "" if world is None else f" (rank {world.rank} of a {world.world_size}-process job)"
-        error = f"{type(e).__name__}{where}: {e}"
-        env = {**env, "traceback": traceback.format_exc()}
-    distributed.hold_termination()  # from here on the outcome is being recorded: torchrun's SIGTERM waits
+        try:
+            parts = build_parts(recipe, prepared.directory, dev, precision, seed, model=source_model,
+                                read_test=read_test)
+            state, evaluator = _fit(recipe, parts, dev, budget, clock, progress, stop_at_target, on_point,
+                                    hooks, checkpointer=checkpointer,
+                                    resume=resumed.payload["fit"] if resumed else None, world=world)
+        except KeyboardInterrupt:
+            error = "interrupted before training started"
+        except Exception as e:  # recorded as a failed run, never lost
+            error = f"{type(e).__name__}{where}: {e}"
+            env = {**env, "traceback": traceback.format_exc()}
+        distributed.hold_termination()  # from here on the outcome is being recorded: torchrun's SIGTERM waits
+    except distributed.Terminated as e:  # torchrun's SIGTERM while a lost rank's error was being handled
+        error = error or f"{type(e).__name__}{where}: {e}"
     total = clock.stop()
 
     result = _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, total, dev, precision,

@@ -668,15 +668,16 @@ def run_plan(plan: Plan, *, say: Callable[[str], None] = print) -> TuneResult:
 def describe_choice(plan: Plan, study, best: Confirmation, test: Mapping[str, Any]) -> str:
     n = sum(counts(study).get(k, 0) for k in ("reached", "budget_exhausted", "pruned", "diverged", "failed"))
     t = "-" if test.get("time_s") is None else f"{test['time_s']:.1f} s"
+    seeds = f"seed {best.seeds[0]}" if len(best.seeds) == 1 else f"seeds {best.seeds[0]}-{best.seeds[-1]}"
+    held_out = f"a {plan.base.data.val_frac:.0%} validation hold-out of the training split"
+    tested = f"the test split was read once, seed {test['seed']}: {test['outcome']} {t}"
     itself = recipe_itself(study)
     if itself is not None and itself.number == best.trial:
-        return (f"{plan.base_name}'s own values, confirmed by speedrun tune (study {plan.study}, {n} trials): no faster "
-                f"values held up on fresh seeds {best.seeds[0]}-{best.seeds[-1]} (validation median "
-                f"{best.median_s:.1f} s); the test split was read once, seed {test['seed']}: {test['outcome']} {t}")
-    return (f"tuned by speedrun tune (study {plan.study}, trial #{best.trial} of {n}): hyperparameters chosen on a "
-            f"{plan.base.data.val_frac:.0%} validation hold-out of the training split (search seeds = trial numbers; "
-            f"confirmed on fresh seeds {best.seeds[0]}-{best.seeds[-1]}: median {best.median_s:.1f} s); the test "
-            f"split was read once, seed {test['seed']}: {test['outcome']} {t}")
+        return (f"{plan.base_name}'s own values, confirmed by speedrun tune (study {plan.study}, {n} trials) on "
+                f"{held_out}: no faster values held up on fresh {seeds} (median {best.median_s:.1f} s); {tested}")
+    return (f"tuned by speedrun tune (study {plan.study}, trial #{best.trial} of {n}): hyperparameters chosen on "
+            f"{held_out} (search seeds = trial numbers; confirmed on fresh {seeds}: median {best.median_s:.1f} s); "
+            f"{tested}")
 
 
 def _counts_text(c: Mapping[str, int]) -> str:
