@@ -48,6 +48,21 @@ def test_matmul_peak_is_measured_once_and_cached(isolated_home):
     assert matmul_peak(torch.device("cpu"), "test-cpu") == peak
 
 
+def test_a_cached_peak_below_a_sustained_rate_is_measured_again_and_the_higher_kept(isolated_home, monkeypatch):
+    from speedrun.measure import flops
+
+    measured = []
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda *a, **k: measured.append(1) or 50e9)
+    assert flops.matmul_peak(torch.device("cpu"), "test-cpu") == 50e9  # first call: measured
+    path = isolated_home / "cache" / "peak_flops.json"
+    path.write_text(path.read_text().replace("50000000000.0", "16000000000.0"))  # measured on a busy machine
+    assert flops.matmul_peak(torch.device("cpu"), "test-cpu", at_least=10e9) == 16e9  # plausible: kept
+    assert flops.matmul_peak(torch.device("cpu"), "test-cpu", at_least=20e9) == 50e9  # a run beat it: stale
+    assert flops.matmul_peak(torch.device("cpu"), "test-cpu") == 50e9 and len(measured) == 2  # cached again
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda *a, **k: 30e9)  # a busy re-measurement ...
+    assert flops.matmul_peak(torch.device("cpu"), "test-cpu", at_least=60e9) == 50e9  # ... never lowers it
+
+
 def test_mlperf_aggregate_drops_fastest_and_slowest():
     assert mlperf_aggregate([5.0, 1.0, 3.0, 4.0, 100.0]) == pytest.approx(4.0)
     assert mlperf_aggregate([5.0, None, 3.0, 4.0, 1.0]) == pytest.approx(4.0)  # failure counts as slowest

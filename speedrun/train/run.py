@@ -656,7 +656,8 @@ def _result(run_id, recipe, seed, prepared, state, evaluator, parts, clock, tota
     theory = None
     if state is not None and "example" in state.extras:  # counted after the clock stopped
         flops, useful = _count_flops(parts, state)
-        peak = matmul_peak(dev, env["device_name"], precision_dtype(precision)) * world_size
+        sustained = useful * images_seen / train_s / world_size if train_s > 0 else 0.0  # per process
+        peak = matmul_peak(dev, env["device_name"], precision_dtype(precision), at_least=sustained) * world_size
         theory = theoretical_peak(dev.type, env["device_name"], precision, threads=torch.get_num_threads())
         if theory is not None and world_size > 1:  # the job's: every rank's device or cores
             theory = replace(theory, flops=theory.flops * world_size, how=f"{world_size} processes x ({theory.how})")
