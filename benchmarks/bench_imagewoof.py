@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))  # measure the checkout beside this script, whiche
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import speedrun  # noqa: E402
 from speedrun import data as datalib  # noqa: E402
-from speedrun.data.crops import CropLoader  # noqa: E402
+from speedrun.data.crops import CropLoader, resized_side  # noqa: E402
 from speedrun.data.imagefolder import Aspect, ImageFolderSource, decode_image, holdout_split  # noqa: E402
 from speedrun.env import environment  # noqa: E402
 from speedrun.recipes import get_recipe  # noqa: E402
@@ -372,7 +372,7 @@ def part_fixres(args) -> str:
         loader = CropLoader(images, data.test_labels, size=size, crop_frac=frac, train=False, batch_size=128,
                             mean=data.mean, std=data.std, channels_last=True, workers=2)
         acc, loss = evaluate(model, loader)
-        rows.append(f"| {size} | {frac:g} | {min(size, round(size / frac))} | {acc:.2%} | {loss:.3f} |")
+        rows.append(f"| {size} | {frac:g} | {resized_side(size, frac)} | {acc:.2%} | {loss:.3f} |")
         say(rows[-1])
     return "\n".join([f"One training of {what} on the 90% split ({recipe.train.epochs:g} epochs, crops growing to "
                       f"{train_size} px), evaluated on the held-out 10% ({len(data.test_labels)} images):",
@@ -389,7 +389,7 @@ def first_at(curve, target: float) -> tuple[float, float] | None:
 
 def part_train(args) -> str:
     rows, hits = [], {t: [] for t in LEADERBOARD}
-    for seed in range(args.seeds):
+    for seed in range(args.seed, args.seed + args.seeds):
         before = load_line()
         r = speedrun.train("imagewoof", data=args.archive, seed=seed, store=args.store, stop_at_target=False,
                            budget=args.budget, overrides=dict(args.set))
@@ -419,7 +419,7 @@ def main() -> int:
     parser.add_argument("part", choices=("prepare", "loader", "decode", "dev", "fixres", "train"))
     parser.add_argument("--archive", type=Path, default=ARCHIVE)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0, help="dev, fixres: the seed")
+    parser.add_argument("--seed", type=int, default=0, help="dev, fixres: the seed; train: the first of --seeds seeds")
     parser.add_argument("--budget", help="dev, fixres, train: a time or epoch budget per run (e.g. 60m, 3ep)")
     parser.add_argument("--candidates", default="recipe", help=f"dev: from {', '.join(CANDIDATES)}")
     parser.add_argument("--set", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
@@ -442,8 +442,8 @@ def main() -> int:
     after = load_line()
     say(text)
     if args.write:
-        extra = "".join(f" --{k} {getattr(args, k)}" for k in ("seeds", "budget", "candidates")
-                        if getattr(args, k) is not None and k in {"train": ("seeds", "budget"),
+        extra = "".join(f" --{k} {getattr(args, k)}" for k in ("seed", "seeds", "budget", "candidates")
+                        if getattr(args, k) is not None and k in {"train": ("seed", "seeds", "budget"),
                                                                    "dev": ("budget", "candidates"),
                                                                    "fixres": ("budget",)}.get(args.part, ()))
         extra += "".join(f" --set {k}={v}" for k, v in args.set)
