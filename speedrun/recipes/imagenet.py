@@ -55,8 +55,9 @@ def imagewoof() -> Recipe:
         name="imagewoof",
         description="Imagewoof (fast.ai) from scratch on a CPU: ResNet-18, aspect-kept 160 px cache, random-resized "
                     "crops growing 96 -> 128 px, one-cycle, label smoothing, test at 160 px (FixRes); give --data; "
-                    "schedule set by hand, then measured on a held-out tenth of the training set (seed 0, 2-core "
-                    "Zen 3): 51% after its 8 epochs in 46 min, far below the 76.6% target (BENCHMARKS.md)",
+                    "schedule chosen on nothing measured (set by hand), then measured on a held-out tenth of the training "
+                    "set (seed 0, 2-core Zen 3): 51% after its 8 epochs in 46 min, far below the 76.6% target "
+                    "(BENCHMARKS.md)",
         target=0.766,  # the leaderboard's 5-epoch entry at 128 px (mean of 5 runs)
         data=DataConfig(source="", layout="aspect", max_size=160, crop_size=128, rrc_scale=(0.35, 1.0), flip=True,
                         resize_start_scale=0.75, resize_full_frac=0.3),
