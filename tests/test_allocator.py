@@ -8,8 +8,11 @@ import pytest
 
 from speedrun.techniques.registry import TECHNIQUES
 
-# Runs the default recipe's training step at its batch size and prints minor page faults per step,
-# before and after the switch. In a child process because the setting is process-wide.
+# Runs the default recipe's training step and prints minor page faults per step, before and after the
+# switch. In a child process because the setting is process-wide. At batch 1024 the biggest activation
+# buffers (~75 MB) exceed 32 MiB, the ceiling of glibc's dynamic mmap threshold: by default they are
+# mmapped and unmapped on every step whatever glibc learned (smaller blocks it may move to the heap by
+# itself after a few steps, which made the default's count vary from 0 to thousands at the recipe's batch).
 CHILD = """
 import resource, torch
 from speedrun.recipes import get_recipe
@@ -18,7 +21,7 @@ from speedrun.techniques.allocator import retain_freed_memory
 
 torch.set_num_threads(1)
 model = build_model(get_recipe("fashion-mnist").model, in_channels=1, num_classes=10, image_size=(28, 28))
-x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
+x, y = torch.randn(1024, 1, 28, 28), torch.randint(0, 10, (1024,))
 
 def faults_per_step(n=9, warm_up=2):
     # The median step's faults: a step that grows the heap to a new high-water mark faults once,
