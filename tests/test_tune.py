@@ -45,6 +45,16 @@ def tune_args(data: Path, tmp_path: Path, *extra: str) -> list[str]:
     return args + list(extra)
 
 
+def exit_code(args: list[str]) -> int:
+    """`speedrun ARGS`'s exit status: argparse's own checks exit (SystemExit) with its one-line usage error."""
+    from speedrun.cli import main
+
+    try:
+        return main(args)
+    except SystemExit as e:
+        return e.code
+
+
 @pytest.fixture
 def space_file(tmp_path) -> Path:
     path = tmp_path / "space.toml"
@@ -405,11 +415,7 @@ def test_a_study_name_with_another_target_or_recipe_is_refused_and_nothing_writt
     capsys.readouterr()
     args = tune_args(synthetic_dir, tmp_path, "--trials", "1", "--study", "s2")
     args[args.index("--target") + 1] = "0.7"
-    try:
-        code = main(args)
-    except SystemExit as e:  # argparse's own checks exit with its one-line usage error
-        code = e.code
-    assert code == 2
+    assert exit_code(args) == 2
     err = capsys.readouterr().err
     assert "exists with another target (80.00%, not 70.00%)" in err and len(err.strip().splitlines()) == 1
     assert main(args[:1] + ["--recipe", "baseline"] + args[1:]) == 2
@@ -437,16 +443,10 @@ def test_an_unreachable_storage_is_a_one_line_error(synthetic_dir, space_file, t
     (["--trials", "1", "--confirm-rounds", "0"], "--confirm-rounds"),
 ])
 def test_bad_tune_options_are_one_line_errors(synthetic_dir, space_file, tmp_path, capsys, extra, message):
-    from speedrun.cli import main
-
     args = tune_args(synthetic_dir, tmp_path, *extra)
     if "--space" in extra:
         args[args.index("--space") + 1] = extra[extra.index("--space") + 1]
-    try:
-        code = main(args)
-    except SystemExit as e:  # argparse's own checks exit with its one-line usage error
-        code = e.code
-    assert code == 2
+    assert exit_code(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
