@@ -53,6 +53,8 @@ from bench_train import write_section  # noqa: E402
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "imagewoof2-160.tar.gz"
 LEADERBOARD = (0.766, 0.863)  # fast.ai's Imagewoof, 128 px: 5 epochs 76.6%, 20 epochs 86.3% (means of 5 runs)
+# A cheaper proxy of a full run for screening candidates (dev --proxy): half the widths, 96 px crops, 4 epochs.
+PROXY = {"model.widths": "32,64,128,256", "data.crop_size": 96, "eval.crop_size": 120, "train.epochs": 4}
 HEADINGS = {
     "prepare": ("Imagewoof: the cache in each layout (one-time preparation; loading it)",
                 "The archive was extracted beforehand (outside these times). Loading is what every run does "
@@ -62,6 +64,11 @@ HEADINGS = {
     "dev": ("Imagewoof: choosing the recipe on a held-out tenth of the training set",
             "Trained on 90% of Imagewoof's training images, scored on the other 10% (by name hash, "
             "`holdout_split`); the validation images are not used."),
+    "dev-proxy": ("Imagewoof: screening recipe candidates on a cheaper proxy, on the held-out tenth",
+                  f"Each candidate with the proxy's overrides {PROXY} (half the widths: a quarter of the FLOPs; 96 px crops; "
+                  "half the epochs: ~1/14 of a full run's work), trained on 90% of Imagewoof's training images and "
+                  "scored on the other 10%; the validation images are not used. A screen, not a result: what wins "
+                  "here is then trained in full."),
     "fixres": ("Imagewoof: the test resolution (FixRes)", ""),
     "train": ("`speedrun train --recipe imagewoof`: time-to-accuracy over seeds",
               "Each seed trains the whole schedule (the clock as `speedrun train`'s: from before the cache is read, "
@@ -71,8 +78,7 @@ HEADINGS = {
 }
 
 # Recipe candidates for `dev`: overrides of `imagewoof`, compared on the held-out tenth of the training set.
-# On a loaded machine, compare them on a cheaper proxy (--set for every run), e.g. PROXY below.
-PROXY = {"model.widths": "32,64,128,256", "data.crop_size": 96, "eval.crop_size": 120, "train.epochs": 4}
+# On a loaded machine, or to screen many, compare them on a cheaper proxy (--proxy: PROXY below, for every run).
 CANDIDATES: dict[str, dict[str, object]] = {
     "recipe": {},
     "lr1": {"optim.lr": 1.0},
@@ -83,9 +89,16 @@ CANDIDATES: dict[str, dict[str, object]] = {
     "scale05": {"data.rrc_scale": "0.5,1"},
     "adamw": {"optim.name": "adamw", "optim.lr": 3e-3, "optim.lr_batch_size": 64, "optim.weight_decay": 0.05},
     "muon": {"optim.name": "muon", "optim.muon_lr": 0.1, "optim.muon_momentum": 0.8},
+    "muon-lr0.2": {"optim.name": "muon", "optim.muon_lr": 0.2, "optim.muon_momentum": 0.8},
+    "muon-m0.9": {"optim.name": "muon", "optim.muon_lr": 0.1, "optim.muon_momentum": 0.9},
+    # Muon at half the widths and 112 px crops: ~3.5x the images/s of the recipe's net, so ~26 epochs in its hour.
+    "muon-half-112": {"optim.name": "muon", "optim.muon_lr": 0.2, "optim.muon_momentum": 0.8,
+                      "model.widths": "32,64,128,256", "data.crop_size": 112, "eval.crop_size": 144, "train.epochs": 26},
     "cosine": {"schedule.kind": "cosine", "schedule.warmup_frac": 0.1},
     "half-width": {"model.widths": "32,64,128,256"},
     "short": {"train.epochs": 5},
+    "lookahead": {"average.kind": "lookahead"},
+    "ema": {"average.kind": "ema", "average.decay": 0.99},
 }
 
 
@@ -338,7 +351,7 @@ def part_dev(args) -> str:
     tree = dev_tree(args.archive)
     rows = []
     for name in args.candidates.split(","):
-        overrides = {**CANDIDATES[name], **dict(args.set)}
+        overrides = {**(PROXY if args.proxy else {}), **CANDIDATES[name], **dict(args.set)}
         say(f"{name}: {overrides} ({load_line()})")
         r = _dev_run(tree, overrides, seed=args.seed, budget=args.budget)
         if args.save:
@@ -422,6 +435,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="dev, fixres: the seed; train: the first of --seeds seeds")
     parser.add_argument("--budget", help="dev, fixres, train: a time or epoch budget per run (e.g. 60m, 3ep)")
     parser.add_argument("--candidates", default="recipe", help=f"dev: from {', '.join(CANDIDATES)}")
+    parser.add_argument("--proxy", action="store_true", help=f"dev: every run on the cheaper PROXY {PROXY}")
     parser.add_argument("--set", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
                         metavar="KEY=VALUE", help="an override of the recipe, for every run (repeatable)")
     parser.add_argument("--batches", type=int, default=20, help="loader: batches timed per way")
@@ -446,9 +460,10 @@ def main() -> int:
                         if getattr(args, k) is not None and k in {"train": ("seed", "seeds", "budget"),
                                                                    "dev": ("budget", "candidates"),
                                                                    "fixres": ("budget",)}.get(args.part, ()))
-        extra += "".join(f" --set {k}={v}" for k, v in args.set)
-        heading, intro = HEADINGS[args.part]
-        write_section(f"imagewoof:{args.part}", heading, f"benchmarks/bench_imagewoof.py {args.part}{extra}", env,
+        extra += " --proxy" * args.proxy + "".join(f" --set {k}={v}" for k, v in args.set)
+        part = args.part + "-proxy" * args.proxy
+        heading, intro = HEADINGS[part]
+        write_section(f"imagewoof:{part}", heading, f"benchmarks/bench_imagewoof.py {args.part}{extra}", env,
                       f"Machine {before} before, {after} after (a 2-core machine: above ~2.5 other work shared "
                       f"it, and times are not valid benchmark figures). {intro}\n\n{text}\n")
     return 0
