@@ -53,7 +53,8 @@ from bench_train import write_section  # noqa: E402
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "imagewoof2-160.tar.gz"
 LEADERBOARD = (0.766, 0.863)  # fast.ai's Imagewoof, 128 px: 5 epochs 76.6%, 20 epochs 86.3% (means of 5 runs)
-# A cheaper proxy of a full run for screening candidates (dev --proxy): half the widths, 96 px crops, 4 epochs.
+# A cheaper proxy of a full run for screening candidates (dev --proxy): ResNet-18 at half its ImageNet widths,
+# crops growing 72 -> 96 px, 4 epochs (~1/9 of the recipe's work; ~1/14 of the recipe as first set).
 PROXY = {"model.widths": "32,64,128,256", "data.crop_size": 96, "eval.crop_size": 120, "train.epochs": 4}
 HEADINGS = {
     "prepare": ("Imagewoof: the cache in each layout (one-time preparation; loading it)",
@@ -65,8 +66,8 @@ HEADINGS = {
             "Trained on 90% of Imagewoof's training images, scored on the other 10% (by name hash, "
             "`holdout_split`); the validation images are not used."),
     "dev-proxy": ("Imagewoof: screening recipe candidates on a cheaper proxy, on the held-out tenth",
-                  f"Each candidate with the proxy's overrides {PROXY} (half the widths: a quarter of the FLOPs; 96 px crops; "
-                  "half the epochs: ~1/14 of a full run's work), trained on 90% of Imagewoof's training images and "
+                  f"Each candidate with the proxy's overrides {PROXY} (ResNet-18 at half its ImageNet widths, crops growing "
+                  "72 -> 96 px, 4 epochs), trained on 90% of Imagewoof's training images and "
                   "scored on the other 10%; the validation images are not used. A screen, not a result: what wins "
                   "here is then trained in full."),
     "fixres": ("Imagewoof: the test resolution (FixRes)", ""),
@@ -78,7 +79,9 @@ HEADINGS = {
 }
 
 # Recipe candidates for `dev`: overrides of `imagewoof`, compared on the held-out tenth of the training set.
-# On a loaded machine, or to screen many, compare them on a cheaper proxy (--proxy: PROXY below, for every run).
+# They override the recipe as it is now; the runs in BENCHMARKS.md overrode it as first set (SGD, full widths,
+# crops growing to 128 px, 8 epochs: code 0ee0471), which is how `muon-half-112` became the recipe.
+# On a loaded machine, or to screen many, compare them on a cheaper proxy (--proxy: PROXY above, for every run).
 CANDIDATES: dict[str, dict[str, object]] = {
     "recipe": {},
     "lr1": {"optim.lr": 1.0},
