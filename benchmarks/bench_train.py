@@ -62,10 +62,11 @@ def peak_now() -> float:
 
 
 def time_to_accuracy(recipe_name: str, seeds: int, store: Path, data: str | None = None,
-                     target: float | None = None, overrides: dict | None = None) -> tuple[list, str]:
+                     target: float | None = None, overrides: dict | None = None,
+                     first_seed: int = 0) -> tuple[list, str]:
     """Every seed in turn, with the matmul peak measured before and after each (outside its clock)."""
     results, peaks = [], [peak_now()]
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         results.append(train_seed(recipe_name, seed, store, data, target, overrides))
         peaks.append(peak_now())
         print(f"    matmul peak before/after: {peaks[-2] / 1e9:.0f} / {peaks[-1] / 1e9:.0f} GFLOP/s", flush=True)
@@ -249,6 +250,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="fashion-mnist")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first-seed .. first-seed + seeds - 1 (fresh seeds: ones no choice was made on)")
     parser.add_argument("--data", help="dataset path (default: the recipe's data.source)")
     parser.add_argument("--target", type=target_fraction, help="accuracy target (default: the recipe's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -264,7 +267,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         print(f"time-to-accuracy, {args.seeds} seeds:")
         _, tta = time_to_accuracy(args.recipe, args.seeds, Path(tmp) / "runs.sqlite", args.data, args.target,
-                                  parse_sets(args.set))
+                                  parse_sets(args.set), args.first_seed)
     print(tta)
     over = ""
     variant = bool(args.target or args.set)
@@ -277,7 +280,8 @@ def main() -> int:
                  f" — i.e. the loop's own overhead on this recipe's steps is that figure divided by its step time.")
         print(over)
     if args.write:
-        options = "".join([f" --data {args.data}" if args.data else "",
+        options = "".join([f" --first-seed {args.first_seed}" if args.first_seed else "",
+                           f" --data {args.data}" if args.data else "",
                            f" --target {args.target:g}" if args.target else "",
                            *(f" --set {item}" for item in args.set)])
         title = f"`speedrun train --recipe {args.recipe}{options if variant else ''}`"
