@@ -68,4 +68,7 @@ def cifar10_cpu() -> Recipe:
         "optim.muon_momentum": 0.8,
         "eval.batch_size": 1000,
         "eval.tta_translate_px": 1,
+        # Its evaluation batches of 1,000 make 90 MB activations, which glibc maps and unmaps on every
+        # forward pass: keeping freed memory in the process halved the six-view evaluation's time.
+        "train.retain_memory": True,
     })
