@@ -54,3 +54,16 @@ def test_retained_memory_stops_page_faults_on_reallocation():
 def test_the_technique_is_marked_process_wide():
     assert TECHNIQUES["retain-memory"].process_wide
     assert not any(t.process_wide for n, t in TECHNIQUES.items() if n != "retain-memory")
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_a_run_switches_it_on_before_its_data_and_model_exist(synthetic_dir, monkeypatch, on):
+    """train.retain_memory reaches glibc in a real run (a catalog refactor once left it a silent no-op)."""
+    import speedrun
+    from speedrun.techniques import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda: calls.append("on"))
+    speedrun.train("fashion-mnist", data=synthetic_dir, store=None, budget="1ep",
+                   overrides={"train.retain_memory": on, "train.epochs": 1})
+    assert calls == (["on"] if on else [])

@@ -2,9 +2,10 @@
 when it helps, what it costs, how a recipe switches it on, how to take it out (for ablations), and
 how the trainer assembles it.
 
-Assembly. A record with an ``apply`` takes part in building a run: the trainer calls ``assemble``
-at three stages (``start``: before data and model exist; ``model``: the model is built, the optimizer
-not yet; ``train``: the optimizer exists), and each enabled record of that stage, in ``order``, changes
+Assembly. A record with an ``apply`` takes part in building a run at one of three stages: ``start``
+(``start(recipe)``, before data and model exist: its records' ``apply`` takes the recipe and sets
+up the process), then ``model`` (the model is built, the optimizer not yet) and ``train`` (the optimizer
+exists), where the trainer calls ``assemble`` and each enabled record of that stage, in ``order``, changes
 the ``Assembly`` (the model, loss, autocast, the net the loop calls) and may return a fit hook, which
 the loop runs at the record's ``order`` among the hooks (``after_*`` events in reverse). Records that
 share an ``apply`` (mixup and CutMix: one batch mixer) run it once. A record without ``apply`` is a
@@ -50,7 +51,8 @@ class Technique:
     disable: Callable[[Recipe], Recipe]  # the same recipe without this technique
     process_wide: bool = False  # once on, stays on for the rest of the process (in-process ablation can't undo it)
     stage: Stage | None = None  # when ``apply`` runs; None: a switch read by the trainer's own parts
-    apply: Callable[[Assembly], object | None] | None = None  # changes the assembly; may return a fit hook
+    # Changes the assembly and may return a fit hook; a ``start`` record's takes the recipe instead.
+    apply: Callable[[Assembly], object | None] | Callable[[Recipe], None] | None = None
     order: int = 50  # within its stage, and its hook's place among the fit hooks
     needs: tuple[str, ...] = ()  # model capabilities (CAPABILITIES) it cannot work without
 
@@ -96,7 +98,7 @@ CAPABILITIES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 # ---------------------------------------------------------------- what the records apply
 
-def _retain_memory(a: Assembly) -> None:
+def _retain_memory(recipe: Recipe) -> None:
     from speedrun.techniques.allocator import retain_freed_memory
 
     retain_freed_memory()
@@ -332,7 +334,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "retain-memory",
         "keeps freed blocks in the process (glibc mallopt) so steps stop page-faulting their buffers back in",
         "jemalloc/tcmalloc advice in Intel's PyTorch CPU tuning guide; done here in-process",
-        "CPU training where page faults are dear (measure it: ~1x on this project's 2-core EPYC); glibc only",
+        "CPU runs with activations of tens of MB (cifar10-cpu's six-view evaluation at batch 1,000: 1.9x on the "
+        "2-core EPYC; the fashion-mnist step: ~1x); glibc only",
         "memory is not returned to the OS until exit; process-wide, stays on for later runs in the process",
         "train.retain_memory",
         lambda r: r.train.retain_memory,
@@ -548,6 +551,12 @@ def check_model(recipe: Recipe, model: Any, *, model_name: str) -> None:
             if not test(model):
                 raise ConfigError(f"technique {t.name} ({t.switch}) needs a model with {what}; model {model_name} "
                                   f"has none: leave it out with --without {t.name}")
+
+
+def start(recipe: Recipe) -> None:
+    """Apply the enabled ``start`` records, in order: process-wide settings, before data and model exist."""
+    for t in sorted((t for t in enabled_records(recipe) if t.stage == "start" and t.apply), key=lambda t: t.order):
+        t.apply(recipe)
 
 
 def assemble(asm: Assembly, stage: Stage) -> None:

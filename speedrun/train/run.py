@@ -538,9 +538,11 @@ def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: s
     """Loaders, model, optimizer, autocast, loss and technique hooks of ``recipe`` on ``dev``; seeds the
     global RNG first (model initialisation). ``model``: a factory or a module in place of the recipe's.
 
-    The enabled techniques are applied in two stages (``registry.assemble``): to the built model before
-    the optimizer collects its parameters, then to the rest once the optimizer exists.
+    The enabled techniques are applied in three stages: process-wide settings first
+    (``registry.start``), then (``registry.assemble``) to the built model before the optimizer collects
+    its parameters, then to the rest once the optimizer exists.
     """
+    registry.start(recipe)
     torch.manual_seed(seed)
     loaders = build_loaders(recipe, directory, dev, seed, read_test=read_test)
     images, train_loader = loaders.images, loaders.train
