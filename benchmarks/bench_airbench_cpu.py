@@ -19,6 +19,8 @@ built from the decoded `train.pt`; speedrun: the prepared dataset read) to the e
 that first reaches the target, every evaluation included. airbench evaluates after each epoch (no
 TTA), so its time-to-85% is the end of the first such evaluation at or above 85%; its 90.6% line is
 the final TTA evaluation's accuracy and clock (airbench94's GPU accuracy on this JPEG copy, 90.6%).
+airbench's own clock (its `total_time_seconds`: training and the final TTA evaluation, not the per-epoch
+evaluations it runs only to print progress) is reported beside it: the figure airbench would quote.
 Decoding the JPEG archive (airbench: into its `.pt` files; speedrun: its prepared cache) is one-time
 and outside both clocks. The runs alternate (airbench, speedrun, per seed) so the machine's drift
 reaches both; the load average is printed before and after each.
@@ -78,11 +80,14 @@ def load() -> str:
 def run_airbench(airbench, utils, seed: int, targets: tuple[float, ...], epochs: float | None = None) -> dict:
     """One airbench94 run with its per-epoch evaluations; returns each target's first clock."""
     evals: list[tuple[float, float, object]] = []
+    own: list[float] = []  # airbench's own clock: training and the final TTA evaluation, per-epoch evaluations not
     start = 0.0
 
     def record(variables: dict, is_final_entry: bool) -> None:
         acc = variables.get("tta_val_acc") if variables.get("epoch") == "eval" else variables.get("val_acc")
         evals.append((time.perf_counter() - start, float(acc), variables.get("epoch")))
+        if is_final_entry:
+            own.append(float(variables["total_time_seconds"]))
         print(f"    airbench epoch {variables.get('epoch')}: {float(acc):.2%} at {evals[-1][0]:.1f} s", flush=True)
 
     utils.print_training_details = record
@@ -96,7 +101,8 @@ def run_airbench(airbench, utils, seed: int, targets: tuple[float, ...], epochs:
                      **({} if epochs is None else {"epochs": epochs}))
     total = time.perf_counter() - start
     reached = {t: next((s for s, a, _ in evals if a >= t), None) for t in targets}
-    return {"evals": evals, "reached": reached, "total_s": total, "final_tta": evals[-1][1]}
+    return {"evals": evals, "reached": reached, "total_s": total, "final_tta": evals[-1][1],
+            "own_clock_s": own[-1] if own else None}
 
 
 def stats(xs: list) -> str:
@@ -143,7 +149,7 @@ def main() -> int:
     print(f"speedrun's cache prepared in {time.perf_counter() - t0:.1f} s (one-time, outside every clock)", flush=True)
     store = scratch / "runs.sqlite"
     here = os.getcwd()
-    ab85, ab906, ab_total, ab_final, sr = [], [], [], [], []
+    ab85, ab906, ab_total, ab_own, ab_final, sr = [], [], [], [], [], []
     airbench_runs = len(seeds) if args.airbench_runs is None else args.airbench_runs
     for i, seed in enumerate(seeds):
         if i < airbench_runs:
@@ -157,8 +163,10 @@ def main() -> int:
             ab906.append(r["reached"][0.906])
             ab_total.append(r["total_s"])
             ab_final.append(r["final_tta"])
+            ab_own.append(r["own_clock_s"])
             print(f"  airbench94 seed {seed}: 85% at {r['reached'][0.85]}, final {r['final_tta']:.2%} (TTA) "
-                  f"at {r['total_s']:.1f} s; {load()}", flush=True)
+                  f"at {r['total_s']:.1f} s ({r['own_clock_s']:.1f} s on airbench's own clock, which leaves out its "
+                  f"per-epoch evaluations); {load()}", flush=True)
         if i >= (len(seeds) if args.speedrun_runs is None else args.speedrun_runs):
             continue
         print(f"## seed {seed}: speedrun {args.recipe}; {load()}", flush=True)
@@ -171,8 +179,8 @@ def main() -> int:
     if ab85:
         print(f"airbench94 CPU port time-to-85%: {stats(ab85)}", flush=True)
         print(f"airbench94 CPU port {args.airbench_epochs or 9.9} epochs incl. TTA eval: median {statistics.median(ab_total):.1f} s, "
-              f"final TTA accuracy {', '.join(f'{a:.2%}' for a in ab_final)}; time-to-90.6%: {stats(ab906)}",
-              flush=True)
+              f"final TTA accuracy {', '.join(f'{a:.2%}' for a in ab_final)}; time-to-90.6%: {stats(ab906)}; "
+              f"airbench's own clock (no per-epoch evaluations): median {statistics.median(ab_own):.1f} s", flush=True)
     print(f"speedrun {args.recipe} time-to-target: {stats(sr)}", flush=True)
     got_ab, got_sr = [x for x in ab85 if x], [x for x in sr if x]
     if got_ab and got_sr:
