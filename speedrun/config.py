@@ -120,6 +120,10 @@ class OptimConfig:
     # the batch, no weight decay); the other parameters follow lr/momentum/weight_decay as with sgd.
     muon_lr: float = 0.1
     muon_momentum: float = 0.8
+    # muon: before each step, rescale every filter bank to Frobenius norm √(output channels) (airbench94_muon).
+    # The BatchNorm after each conv makes the scale irrelevant to the function, so this only fixes the
+    # step's size relative to the weights, which otherwise shrinks as the filters' norms grow.
+    muon_normalize: bool = False
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,27 @@ def test_muon_steps_filters_by_hand_and_the_rest_exactly_like_torch_sgd():
         torch.testing.assert_close(p.detach(), q.detach())
 
 
+def test_muon_normalize_rescales_each_filter_bank_to_root_rows_before_its_step():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, bias=False)
+    filters, buf = conv.weight.detach().clone() * 5.0, torch.zeros_like(conv.weight)
+    with torch.no_grad():
+        conv.weight.copy_(filters)
+    opt = Muon([dict(params=[conv.weight], lr=0.1, orthogonal=True)], lr=0.1, muon_momentum=0.6, normalize=True)
+    for step in range(3):
+        grad = torch.randn_like(filters)
+        conv.weight.grad = grad.clone()
+        opt.step()
+        filters = filters * (math.sqrt(8) / filters.norm()) - 0.1 * muon_update(grad, buf, momentum=0.6,
+                                                                                nesterov=True)
+    torch.testing.assert_close(conv.weight.detach(), filters)
+    assert abs(filters.norm().item() - math.sqrt(8)) > 1e-3  # the step itself is not renormalized
+    recipe = get_recipe("cifar10-cpu").override({"optim.muon_normalize": True})
+    from speedrun.models import build_model
+    model = build_model(recipe.model, in_channels=3, num_classes=10, image_size=(32, 32))
+    assert [g["normalize"] for g in build_optimizer(model, recipe).param_groups if g["orthogonal"]] == [True]
+
+
 def test_muon_refuses_vectors_in_orthogonal_groups_and_bad_hyperparameters():
     with pytest.raises(ValueError, match="2\\+ dims"):
         Muon([dict(params=[nn.Parameter(torch.zeros(3))], orthogonal=True)], lr=0.1)

@@ -106,18 +106,22 @@ class Muon(torch.optim.Optimizer):
     Orthogonal groups take ``muon_momentum`` and no weight decay: the BatchNorm after each conv makes
     a filter bank's scale irrelevant to the function, and the update's size is fixed by the
     orthogonalization, not by the gradient's. Their ``lr`` is an absolute step size, not scaled with
-    the batch (``optim.muon_lr``); the schedule scales it like every group's.
+    the batch (``optim.muon_lr``); the schedule scales it like every group's. With ``normalize``
+    (airbench94_muon) each filter bank is rescaled to norm √(rows) before its step, so ``lr`` stays the
+    step's size relative to the weights instead of shrinking as they grow.
 
     >>> opt = Muon([dict(params=filters, lr=0.1, orthogonal=True), dict(params=rest, lr=0.6)],
     ...            lr=0.6, momentum=0.9, muon_momentum=0.8)  # doctest: +SKIP
     """
 
     def __init__(self, params, lr: float, *, momentum: float = 0.9, muon_momentum: float = 0.8,
-                 nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5) -> None:
+                 nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5,
+                 normalize: bool = False) -> None:
         if lr <= 0 or not 0 <= momentum < 1 or not 0 <= muon_momentum < 1 or weight_decay < 0 or ns_steps < 1:
             raise ValueError("Muon needs lr > 0, momenta in [0, 1), weight_decay >= 0, ns_steps >= 1")
         super().__init__(params, dict(lr=lr, momentum=momentum, muon_momentum=muon_momentum, nesterov=nesterov,
-                                      weight_decay=weight_decay, ns_steps=ns_steps, orthogonal=False))
+                                      weight_decay=weight_decay, ns_steps=ns_steps, orthogonal=False,
+                                      normalize=normalize))
         for group in self.param_groups:
             if group["orthogonal"] and any(p.ndim < 2 for p in group["params"]):
                 raise ValueError("Muon's orthogonal groups take matrices or filter banks (2+ dims) only")
@@ -134,6 +138,8 @@ class Muon(torch.optim.Optimizer):
                         state["momentum_buffer"] = torch.zeros_like(p.grad)
                     update = muon_update(p.grad, state["momentum_buffer"], momentum=group["muon_momentum"],
                                          nesterov=group["nesterov"], steps=group["ns_steps"])
+                    if group.get("normalize", False):  # absent from checkpoints before the option
+                        p.mul_(math.sqrt(p.size(0)) / p.norm().clamp_min(1e-7))
                     p.add_(update, alpha=-group["lr"])
                 continue
             buffers = [self.state[p].get("momentum_buffer") for p in params]

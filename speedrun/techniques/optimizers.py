@@ -45,7 +45,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     OptimizerSpec("lamb", lambda groups, lr, cfg: LAMB(groups, lr=lr),
                   "Adam with a layer-wise trust ratio (large batches)"),
     OptimizerSpec("muon", lambda groups, lr, cfg: Muon(groups, lr=lr, momentum=cfg.momentum,
-                                                       muon_momentum=cfg.muon_momentum, nesterov=cfg.nesterov),
+                                                       muon_momentum=cfg.muon_momentum, nesterov=cfg.nesterov,
+                                                       normalize=cfg.muon_normalize),
                   "orthogonalized momentum for conv filter banks, SGD for the rest", orthogonal_filters=True),
 )}
 

@@ -445,7 +445,7 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "Jordan et al. 2024 (Muon); airbench's CIFAR-10 record (94% in 2.59 s vs 3.09 s with SGD)",
         "short schedules of convnets: every filter direction learns, not just the gradient's dominant ones",
         "5 small matrix iterations per filter bank per step (~6% of the fashion-mnist step on 2 CPU cores)",
-        "optim.name=muon, optim.muon_lr, optim.muon_momentum",
+        "optim.name=muon, optim.muon_lr, optim.muon_momentum, optim.muon_normalize",
         lambda r: r.optim.name == "muon",
         lambda r: _set(r, "optim", name="sgd")),
     Technique(
