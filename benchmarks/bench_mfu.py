@@ -1,6 +1,6 @@
 """MFU of a recipe's training step: model FLOPs per step ÷ step time ÷ the matmul peak measured around it.
 
-    .venv/bin/python benchmarks/bench_mfu.py [--recipe fashion-mnist] [--rounds 8] [--steps 20] [--write]
+    .venv/bin/python benchmarks/bench_mfu.py [--recipe fashion-mnist] [--data PATH] [--rounds 8] [--steps 20] [--write]
 
 The step is `speedrun.fit`'s: forward under the recipe's autocast, label-smoothed loss, zero_grad,
 backward, optimizer step -- on the recipe's own model (data-dependent init included), optimizer and one
@@ -132,6 +132,7 @@ def kernel_table(layers: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="fashion-mnist")
+    parser.add_argument("--data", help="dataset: a built-in name or a path (default: the recipe's)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--kernel-rounds", type=int, default=5, help="rounds of the per-conv kernel timings")
@@ -142,7 +143,10 @@ def main() -> int:
     dev = resolve_device("auto")
     precision = resolve_precision(recipe.train.precision, dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    prepared = datalib.prepare(datalib.resolve(recipe.data.source))
+    try:
+        prepared = datalib.prepare(datalib.resolve(args.data or recipe.data.source))
+    except datalib.DataError as e:
+        sys.exit(f"bench_mfu: {e}")
     parts = build_parts(recipe, prepared.directory, dev, precision, seed=0)
     model, net, opt = parts.model, parts.net, parts.optimizer
     x, y = next(parts.train_loader.epoch(0))
