@@ -93,6 +93,11 @@ class ModelConfig:
     # backward stops before the second layer (airbench: after 3 of ~10 epochs). 0: frozen from the
     # start, 1: never frozen. See speedrun.techniques.freezing.
     stem_train_frac: float = 1.0
+    # FreezeOut (Brock et al. 2017): entry i is the fraction of the schedule during which the model's
+    # i-th block after the stem (airbench: conv group; convnet: conv layer; resnet: stage) trains; then
+    # its parameters freeze, and once every block before a layer is frozen the backward stops at that
+    # layer. Blocks without an entry never freeze. Empty: off. See speedrun.techniques.freezing.
+    block_train_fracs: tuple[float, ...] = ()
     dirac: bool = False  # start the first min(in, out) filters of each 3x3 conv as the identity (airbench)
     # In a data-parallel job (speedrun.train.distributed): BatchNorm statistics over the global batch
     # (SyncBatchNorm, GPUs only), not each rank's share of it. No effect in a single process.
@@ -243,6 +248,8 @@ def validate(recipe: Recipe) -> None:
         (recipe.model.stem_kernel >= 1 and recipe.model.whiten_eps > 0,
          "model.stem_kernel must be >= 1 and model.whiten_eps > 0"),
         (0.0 <= recipe.model.stem_train_frac <= 1.0, "model.stem_train_frac must be in [0, 1]"),
+        (all(0.0 <= f <= 1.0 for f in recipe.model.block_train_fracs),
+         "model.block_train_fracs must be fractions in [0, 1], one per block from the first (empty: off)"),
         (recipe.data.max_size >= 0, "data.max_size must be >= 0 (0: the source's default)"),
         (recipe.data.crop_size >= 0 and recipe.eval.crop_size >= 0 and recipe.data.decode_workers >= 0,
          "data.crop_size, eval.crop_size and data.decode_workers must be >= 0"),

@@ -1,10 +1,12 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
 from speedrun.config import ConfigError, ModelConfig
 from speedrun.models import build_model
-from speedrun.techniques.freezing import FreezeStem, freeze_
+from speedrun.techniques.freezing import FreezeOut, FreezeStem, freeze_
 from speedrun.train.loop import FitState, fit
 
 MODELS = {  # tiny versions of every model with a stem to freeze, and its input shape
@@ -126,3 +128,99 @@ def test_the_cli_refuses_a_model_without_a_stem_to_freeze_before_any_run(capsys,
     assert code == 2 and "stem-freezing" in err and "mnist-net has none" in err and len(err.splitlines()) == 1
     main(["runs", "--json"])
     assert json.loads(capsys.readouterr().out) == []  # refused before a run was recorded
+
+
+# ---------------------------------------------------------------- layer-freezing (FreezeOut)
+
+BLOCK_MODELS = {name: MODELS[name] for name in ("convnet", "airbench", "resnet50")}
+
+
+@pytest.mark.parametrize("name", BLOCK_MODELS)
+def test_blocks_are_disjoint_after_the_stem_and_freezing_the_first_stops_the_backward_at_the_second(name):
+    cfg, shape = BLOCK_MODELS[name]
+    cfg = replace(cfg, widths=cfg.widths + (8,)) if name == "airbench" else cfg  # airbench: three groups
+    torch.manual_seed(0)
+    model = build_model(cfg, in_channels=shape[1], num_classes=10, image_size=shape[2:])
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(torch.randn(40, *shape[1:]))
+    blocks, stem = model.block_parameters(), {id(p) for p in model.stem_parameters()}
+    ids = [id(p) for block in blocks for p in block]
+    assert len(blocks) >= 2 and all(blocks) and len(ids) == len(set(ids)) and not stem & set(ids)
+    freeze_(model.stem_parameters())
+    first_conv_of = [next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight is block[0])
+                     for block in blocks]
+    seen = []
+    first_conv_of[1].register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].requires_grad))
+    freeze_(blocks[0])
+    model(torch.randn(shape)).sum().backward()
+    assert not seen.pop()  # nothing before the second block trains: its input gradient is skipped
+    assert all(p.grad is None for p in blocks[0]) and all(p.grad is not None for p in blocks[1] if p.requires_grad)
+
+
+def test_freezeout_freezes_each_block_at_its_fraction_front_to_back_and_resumes_its_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2))
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(8)]
+
+    class Loader:
+        def __len__(self):
+            return len(batches)
+
+        def epoch(self, e):
+            return iter(batches)
+
+    state = FitState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     loss_fn=nn.functional.cross_entropy, loader=Loader(), schedule_steps=8, max_steps=8)
+    blocks = [list(layer.parameters()) for layer in model]
+    trains = []  # (progress, does block 0 train, does block 1, does block 2)
+
+    class Watch:
+        def after_step(self, state):
+            trains.append((state.progress, *(block[0].requires_grad for block in blocks)))
+
+    hook = FreezeOut(blocks, (0.25, 0.5))
+    fit(state, [hook, Watch()])
+    # steps that began at progress < 0.25 trained everything; then block 0 froze; at 0.5 block 1 too
+    assert [t[1:] for t in trains] == [(True, True, True)] * 2 + [(False, True, True)] * 2 + [(False, False, True)] * 4
+    assert [start for start, _ in state.extras["freezes"]] == [2 * 4, 4 * 4]  # images seen at each freeze
+    assert all(p.requires_grad for block in blocks for p in block)  # after_fit handed them back
+    saved = hook.state_dict()
+    again = FreezeOut(blocks, (0.25, 0.5))
+    fresh = FitState(model=model, optimizer=state.optimizer, loss_fn=state.loss_fn, loader=Loader(),
+                     schedule_steps=8, max_steps=8)
+    again.load_state_dict(saved, fresh)  # a resumed run freezes what the checkpoint had frozen
+    assert not blocks[0][0].requires_grad and not blocks[1][0].requires_grad and blocks[2][0].requires_grad
+    assert [start for start, _ in fresh.extras["freezes"]] == [8, 16]
+    again.after_fit(fresh)
+    with pytest.raises(ValueError, match="3 freeze fractions for a model of 2 blocks"):
+        FreezeOut(blocks[:2], (0.1, 0.2, 0.3))
+
+
+def test_runs_freeze_blocks_and_count_the_frozen_steps_flops(synthetic_dir):
+    import speedrun
+    from tests.conftest import TINY
+
+    tiny = {**TINY, "model.widths": "8,16,16", "model.stem_train_frac": "0"}  # convnet: a frozen stem, two blocks
+    never, half, first = (speedrun.train(data=synthetic_dir, store=None, stop_at_target=False,
+                                         overrides={**tiny, "model.block_train_fracs": fracs})
+                          for fracs in ("", "0.5,0.5", "0,0"))
+    for result in (never, half, first):
+        assert result.outcome in ("reached", "budget_exhausted"), result.detail
+    assert never.best_accuracy > 0.5 and half.best_accuracy > 0.5
+    assert all(p.requires_grad for p in half.model.parameters() if p.dim() > 1 and p is not
+               half.model.body[0].weight)  # handed back after the fit (the whitened stem stays frozen)
+    # frozen from the first batch, only the head trains: a step costs the forward and the head's gradient
+    assert first.flops_per_image < half.flops_per_image < never.flops_per_image
+    assert half.flops_per_image == pytest.approx((first.flops_per_image + never.flops_per_image) / 2, rel=0.02)
+
+
+def test_layer_freezing_refuses_more_fractions_than_blocks_and_fractions_outside_0_1(capsys, synthetic_dir):
+    from speedrun.cli import main
+
+    for fracs, said in (("0.5,0.5,0.5", "gives 3 fractions, but the model has 1 block after its first layer"),
+                        ("1.5", "model.block_train_fracs must be fractions in [0, 1]")):
+        code = main(["train", "--data", str(synthetic_dir), "--store", str(synthetic_dir / "runs.sqlite"),
+                     "--set", "model.widths=8,16", "--set", "model.pools=0,1",
+                     "--set", f"model.block_train_fracs={fracs}"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and said in err and len(err.splitlines()) == 1, err

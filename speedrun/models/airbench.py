@@ -70,6 +70,10 @@ class AirbenchNet(nn.Module):
         """The stem conv's weight and bias (``model.stem_train_frac`` freezes them)."""
         return list(self.stem.parameters())
 
+    def block_parameters(self) -> list[list[nn.Parameter]]:
+        """Each conv group's parameters, from the input on (``model.block_train_fracs`` freezes them)."""
+        return [list(g.parameters()) for g in self.groups]
+
     def forward(self, x: Tensor) -> Tensor:
         x = global_max(self.groups(self.act(self.stem(x))))
         return self.head(x) * self.logit_scale

@@ -95,6 +95,12 @@ class ConvNet(nn.Module):
         end = convs[1] if len(convs) > 1 else len(self.body)
         return [p for m in self.body[:end] for p in m.parameters()]
 
+    def block_parameters(self) -> list[list[nn.Parameter]]:
+        """Each conv's parameters and its BatchNorm's, from the second conv on: the first is the stem
+        (``model.block_train_fracs`` freezes them)."""
+        convs = [i for i, m in enumerate(self.body) if isinstance(m, nn.Conv2d)] + [len(self.body)]
+        return [[p for m in self.body[a:b] for p in m.parameters()] for a, b in zip(convs[1:], convs[2:])]
+
     def forward(self, x: Tensor) -> Tensor:
         x = global_max(self.body(x))
         return self.head(self.dropout(x)) * self.logit_scale

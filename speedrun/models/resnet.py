@@ -91,6 +91,7 @@ class ResNet(nn.Module):
                 stages.append(block(width_in, width, stride=2 if i > 0 and j == 0 else 1))
                 width_in = width * block.expansion
         self.stages = nn.Sequential(*stages)
+        self.stage_blocks = blocks
         self.head = nn.Linear(width_in, num_classes)
         self.logit_scale = cfg.logit_scale
         for m in self.modules():
@@ -100,6 +101,12 @@ class ResNet(nn.Module):
     def stem_parameters(self) -> list[nn.Parameter]:
         """The stem conv's and its BatchNorm's parameters (``model.stem_train_frac`` freezes them)."""
         return list(self.stem.parameters())
+
+    def block_parameters(self) -> list[list[nn.Parameter]]:
+        """Each stage's parameters (its residual blocks'), from the input on (``model.block_train_fracs``
+        freezes them)."""
+        ends = [sum(self.stage_blocks[:i + 1]) for i in range(len(self.stage_blocks))]
+        return [[p for block in self.stages[a:b] for p in block.parameters()] for a, b in zip([0] + ends, ends)]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stages(self.stem(x)).mean(dim=(2, 3))

@@ -10,10 +10,11 @@ from speedrun.techniques.resizing import progressive_sizes
 def compiled_graphs(recipe: Recipe, native: int) -> int:
     """How many graphs torch.compile builds for a run: one per training image size (progressive
     resizing visits several), one for evaluation (no autograd) and one for its last, smaller batch,
-    and one more when the stem freezes mid-run (fewer inputs need a gradient)."""
+    and one more for each freeze mid-run (fewer inputs need a gradient)."""
     d = recipe.data
     sizes = progressive_sizes(native=native, start_scale=d.resize_start_scale, full_frac=d.resize_full_frac)
-    return len(sizes) + 2 + (0 < recipe.model.stem_train_frac < 1)
+    freezes = [f for f in (recipe.model.stem_train_frac, *recipe.model.block_train_fracs) if 0 < f < 1]
+    return len(sizes) + 2 + len(set(freezes))
 
 
 def compile_model(model: nn.Module, recipe: Recipe, *, native: int) -> nn.Module:

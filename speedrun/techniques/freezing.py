@@ -1,5 +1,6 @@
-"""Progressive freezing of the first layer: its trainable parameters stop training after a fraction of
-the schedule, and from then on the backward pass stops at the input of the second layer.
+"""Progressive freezing: the first layer's trainable parameters (stem-freezing), or the model's first
+blocks one after another (layer-freezing, FreezeOut), stop training after a fraction of the schedule,
+and from then on the backward pass stops at the first layer still training.
 
 airbench trains its whitening layer's bias for the first 3 epochs of ~10 and then freezes it: the
 same accuracy in less time (KellerJordan/cifar10-zoo ablations: 5.5 -> 5.2 A100-seconds at 94.0%).
@@ -9,14 +10,14 @@ layer's backward, which on a small CPU net is a large part of the step (the firs
 highest resolution). With a frozen patch-whitening conv the first layer's trainable parameters are
 only a few (its bias, or the BatchNorm after it): they settle early, so freezing them costs little.
 
-A model supports it by defining ``stem_parameters()``: every parameter of its first layer, the
-normalization after it included.
+A model supports stem-freezing by defining ``stem_parameters()``: every parameter of its first layer,
+the normalization after it included; layer-freezing by defining ``block_parameters()``: one list of
+parameters per block after the stem, from the input on.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from torch import nn
 
@@ -48,12 +49,11 @@ def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-class FreezeStem:
-    """Freezes ``params`` at the first batch at or past ``after_frac`` of the schedule and records in
-    ``state.extras["frozen_from_image"]`` how many images had been seen, and in ``extras["frozen_context"]``
-    a context that freezes them again (the run's FLOP count weighs the two kinds of step by it);
-    ``after_fit`` makes them trainable again, so the returned model trains like a fresh one if a user
-    goes on."""
+class Freeze:
+    """Freezes ``params`` at the first batch at or past ``after_frac`` of the schedule and appends
+    ``(images seen then, the parameters it froze)`` to ``state.extras["freezes"]`` (the run's FLOP count
+    weighs each stretch of steps by what was frozen during it); ``after_fit`` makes them trainable
+    again, so the returned model trains like a fresh one if a user goes on."""
 
     def __init__(self, params: Iterable[nn.Parameter], *, after_frac: float) -> None:
         if not 0.0 <= after_frac <= 1.0:
@@ -68,8 +68,7 @@ class FreezeStem:
 
     def _freeze(self, state, from_image: int) -> None:
         self.frozen, self.from_image = freeze_(self.params), from_image
-        state.extras["frozen_from_image"] = from_image
-        state.extras["frozen_context"] = functools.partial(frozen, self.params)
+        state.extras.setdefault("freezes", []).append((from_image, self.frozen))
 
     def state_dict(self) -> dict:
         return {"frozen_from_image": None if self.frozen is None else self.from_image}
@@ -81,3 +80,39 @@ class FreezeStem:
     def after_fit(self, state) -> None:
         for p in self.frozen or ():
             p.requires_grad_(True)
+
+
+class FreezeStem(Freeze):
+    """stem-freezing's hook: the first layer's parameters (a class of its own because a checkpoint
+    names each hook's state by its class)."""
+
+
+class FreezeOut:
+    """layer-freezing's hook (FreezeOut, Brock et al. 2017): block i's parameters freeze after
+    ``fracs[i]`` of the schedule, each as a ``Freeze``; blocks past the last fraction never do.
+
+    Frozen front to back, the backward stops at the first block still training: a frozen block costs
+    neither its weight gradients nor its input gradient. On a small CPU net the first blocks run at the
+    highest resolution, so they are the expensive ones: freezing airbench's first conv group made
+    ``cifar10-cpu``'s step 1.36x faster, the first two 1.9x (BENCHMARKS.md).
+    """
+
+    def __init__(self, blocks: Sequence[Iterable[nn.Parameter]], fracs: Sequence[float]) -> None:
+        if len(fracs) > len(blocks):
+            raise ValueError(f"{len(fracs)} freeze fractions for a model of {len(blocks)} blocks")
+        self.freezes = [Freeze(block, after_frac=f) for block, f in zip(blocks, fracs)]
+
+    def before_batch(self, state) -> None:
+        for f in self.freezes:
+            f.before_batch(state)
+
+    def state_dict(self) -> dict:
+        return {"blocks": [f.state_dict() for f in self.freezes]}
+
+    def load_state_dict(self, saved: dict, state) -> None:
+        for f, block in zip(self.freezes, saved["blocks"]):
+            f.load_state_dict(block, state)
+
+    def after_fit(self, state) -> None:
+        for f in self.freezes:
+            f.after_fit(state)

@@ -55,6 +55,8 @@ class Technique:
     apply: Callable[[Assembly], object | None] | Callable[[Recipe], None] | None = None
     order: int = 50  # within its stage, and its hook's place among the fit hooks
     needs: tuple[str, ...] = ()  # model capabilities (CAPABILITIES) it cannot work without
+    # A further test of the recipe against a model that has the ``needs``: the problem, said in one line, or None.
+    check: Callable[[Recipe, Any], str | None] | None = None
 
 
 def _set(recipe: Recipe, section: str, **values) -> Recipe:
@@ -89,6 +91,9 @@ CAPABILITIES: dict[str, tuple[Callable[[Any], bool], str]] = {
                        "a method init_from_data(images) that sets its first layer from training images"),
     "stem_parameters": (lambda m: callable(getattr(m, "stem_parameters", None)),
                         "a method stem_parameters() returning the parameters of its first layer"),
+    "block_parameters": (lambda m: callable(getattr(m, "block_parameters", None)),
+                         "a method block_parameters() returning one list of parameters per block after "
+                         "its first layer, from the input on"),
     "residual_ends": (_has_residual_ends, "BatchNorm layers marked as the end of a residual branch "
                                           "(speedrun.techniques.normalization.mark_residual_end)"),
     "batchnorm": (_has_batchnorm, "BatchNorm layers"),
@@ -147,6 +152,20 @@ def _freeze_stem(a: Assembly) -> object | None:
         freeze_(a.model.stem_parameters())
         return None
     return FreezeStem(a.model.stem_parameters(), after_frac=a.recipe.model.stem_train_frac)
+
+
+def _freeze_blocks(a: Assembly) -> object:
+    from speedrun.techniques.freezing import FreezeOut
+
+    return FreezeOut(a.model.block_parameters(), a.recipe.model.block_train_fracs)
+
+
+def _check_block_count(recipe: Recipe, model: Any) -> str | None:
+    fracs, blocks = recipe.model.block_train_fracs, len(model.block_parameters())
+    if len(fracs) > blocks:
+        return (f"model.block_train_fracs gives {len(fracs)} fractions, but the model has {blocks} "
+                f"block{'s' * (blocks != 1)} after its first layer")
+    return None
 
 
 def _mix(a: Assembly) -> object:
@@ -488,6 +507,18 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         lambda r: _set(r, "model", stem_train_frac=1.0),
         stage="model", apply=_freeze_stem, order=ORDER_FREEZE, needs=("stem_parameters",)),
     Technique(
+        "layer-freezing",
+        "the model's first blocks stop training one after another, each after its fraction of the schedule "
+        "(FreezeOut); the backward then stops at the first block still training",
+        "Brock et al. 2017 (FreezeOut)",
+        "CPU-bound training where the early, high-resolution blocks are a large share of the step and "
+        "settle before the later ones",
+        "none; each frozen block skips its weight and input gradients", "model.block_train_fracs",
+        lambda r: len(r.model.block_train_fracs) > 0,
+        lambda r: _set(r, "model", block_train_fracs=()),
+        stage="model", apply=_freeze_blocks, order=ORDER_FREEZE, needs=("block_parameters",),
+        check=_check_block_count),
+    Technique(
         "dirac-init",
         "starts the first min(in, out) filters of each trainable odd-kernel conv (3x3, ...) as the identity, the rest random",
         "airbench (an implicit residual for a net without skip connections)",
@@ -551,6 +582,9 @@ def check_model(recipe: Recipe, model: Any, *, model_name: str) -> None:
             if not test(model):
                 raise ConfigError(f"technique {t.name} ({t.switch}) needs a model with {what}; model {model_name} "
                                   f"has none: leave it out with --without {t.name}")
+        problem = t.check(recipe, model) if t.check else None
+        if problem:
+            raise ConfigError(f"{problem} (model {model_name})")
 
 
 def start(recipe: Recipe) -> None:

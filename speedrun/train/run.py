@@ -27,6 +27,7 @@ from speedrun.models import ModelArg, build_model, check_model_config, check_out
 from speedrun.recipes.sized import NO_TARGET, SIZED, sized_for
 from speedrun.store import RESUMABLE, RunStore, StoreError, new_run_id
 from speedrun.techniques import registry
+from speedrun.techniques.freezing import frozen
 from speedrun.techniques.optimizers import build_optimizer
 from speedrun.techniques.schedules import LRSchedule
 from speedrun.train import checkpoint, distributed
@@ -556,7 +557,8 @@ def build_parts(recipe: Recipe, directory: Path, dev: torch.device, precision: s
         asm.model = nn.SyncBatchNorm.convert_sync_batchnorm(asm.model)
     asm.optimizer = build_optimizer(asm.model, recipe)
     if world is not None:  # before torch.compile (train stage), which then compiles DDP's forward
-        asm.net = distributed.wrap(asm.model, world, freezes=0 < recipe.model.stem_train_frac < 1)
+        asm.net = distributed.wrap(asm.model, world, freezes=0 < recipe.model.stem_train_frac < 1
+                                   or any(f < 1 for f in recipe.model.block_train_fracs))
     else:
         asm.net = asm.model
     registry.assemble(asm, "train")
@@ -612,8 +614,8 @@ def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock:
 
 def _count_flops(parts: Parts, state: FitState) -> tuple[float, float]:
     """(counted, useful) forward+backward FLOPs per training image, as the run's steps did them on
-    average: a step after a hook froze parameters (``extras["frozen_from_image"]``,
-    ``extras["frozen_context"]``: stem freezing) does less work, and progressive resizing
+    average: steps after a hook froze parameters (``extras["freezes"]``: ``(images seen then, the
+    parameters)``, from stem- and layer-freezing) do less work, and progressive resizing
     (``extras["pixel_fraction"]``) trains on fewer pixels."""
     example = state.extras.pop("example")
     model = parts.model
@@ -623,12 +625,18 @@ def _count_flops(parts: Parts, state: FitState) -> tuple[float, float]:
             return count_train_flops(model, example, lambda out: parts.loss_fn(
                 out, torch.zeros(len(out), dtype=torch.long, device=out.device)))
 
-    flops, useful = count()
-    if "frozen_from_image" in state.extras and state.images_seen:  # a hook froze parameters mid-run
-        with state.extras["frozen_context"]():
-            share = (state.images_seen - state.extras["frozen_from_image"]) / state.images_seen
-            frozen_flops, frozen_useful = count()
-            flops, useful = (1 - share) * flops + share * frozen_flops, (1 - share) * useful + share * frozen_useful
+    freezes = sorted(state.extras.get("freezes", ()), key=lambda f: f[0])
+    if not freezes:
+        flops, useful = count()
+    else:  # stretch i of the run trained with the first i freezes in force
+        seen = max(state.images_seen, 1)
+        bounds = [0, *(start for start, _ in freezes), seen]
+        flops = useful = 0.0
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            if b > a:
+                with frozen([p for _, params in freezes[:i] for p in params]):
+                    f, u = count()
+                flops, useful = flops + (b - a) / seen * f, useful + (b - a) / seen * u
     pixels = state.extras.get("pixel_fraction", 1.0)  # progressive resizing: mean work per image
     return flops * pixels, useful * pixels
 
