@@ -12,9 +12,10 @@ just after ``--steps`` steps; the round's MFU divides by the higher of the two, 
 down mid-round is not credited with it. Then one more pass times the step's phases (forward + loss,
 backward, optimizer) and a torch.profiler pass splits the step's operator time by kind.
 
-A recipe whose stem freezes mid-run (``model.stem_train_frac`` in (0, 1)) has two steps: each round
-times both, and the run's MFU weighs them by their share of the schedule (FLOPs and time alike); the
-phases and the profile are of the frozen step, the one most of the run takes.
+A recipe that freezes parameters mid-run (``model.stem_train_frac`` in (0, 1), ``model.block_train_fracs``)
+has a step per stretch between the freezes: each round times every one, and the run's MFU weighs them by
+their share of the schedule (FLOPs and time alike); the phases and the profile are of the step most of
+the run takes.
 
 Last, each convolution's kernels are timed alone (``--kernel-rounds`` rounds, each between two peak
 measurements): the forward, the input gradient and the weight gradient, on the layer's own input
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import time
@@ -129,6 +131,26 @@ def kernel_table(layers: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def step_variants(recipe, model) -> list[tuple[str, float, object]]:
+    """The steps a run takes, as (name, share of the schedule, a context that freezes what is frozen
+    then): one, or one per stretch between the freezes of stem- and layer-freezing."""
+    points = ([(recipe.model.stem_train_frac, "stem", model.stem_parameters())]
+              if 0 < recipe.model.stem_train_frac < 1 else [])
+    if recipe.model.block_train_fracs:
+        points += [(f, f"block {i + 1}", block) for i, (f, block)
+                   in enumerate(zip(recipe.model.block_train_fracs, model.block_parameters())) if f < 1]
+    if not points:
+        return [("step", 1.0, contextlib.nullcontext)]
+    points.sort(key=lambda p: p[0])
+    variants = [("all training", points[0][0], contextlib.nullcontext)]
+    for i, (start, _, _) in enumerate(points):
+        end = points[i + 1][0] if i + 1 < len(points) else 1.0
+        params = [p for _, _, ps in points[:i + 1] for p in ps]
+        variants.append((" + ".join(name for _, name, _ in points[:i + 1]) + " frozen", end - start,
+                         functools.partial(frozen, params)))
+    return [v for v in variants if v[1] > 0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="fashion-mnist")
@@ -150,10 +172,7 @@ def main() -> int:
     parts = build_parts(recipe, prepared.directory, dev, precision, seed=0)
     model, net, opt = parts.model, parts.net, parts.optimizer
     x, y = next(parts.train_loader.epoch(0))
-    frac = recipe.model.stem_train_frac
-    # (name, share of the schedule, context the step runs in)
-    variants = ([("stem training", frac, contextlib.nullcontext), ("stem frozen", 1 - frac,
-                 lambda: frozen(model.stem_parameters()))] if 0 < frac < 1 else [("step", 1.0, contextlib.nullcontext)])
+    variants = step_variants(recipe, model)
     flops_per_image = {}
     for name, _, context in variants:
         with context(), parts.autocast():
@@ -199,8 +218,8 @@ def main() -> int:
             print(f"  round {i} {name}: {r['ms']:.1f} ms/step, {r['gflops']:.1f} GFLOP/s, peak {before / 1e9:.0f}/"
                   f"{after / 1e9:.0f} GFLOP/s, MFU {r['mfu']:.1%}", flush=True)
     if rows_run:
-        rows[f"run ({frac:.0%} + {1 - frac:.0%})"] = rows_run
-    profiled = variants[-1]
+        rows[f"run ({' + '.join(f'{share:.0%}' for _, share, _ in variants)})"] = rows_run
+    profiled = max(variants, key=lambda v: v[1])  # the step most of the run takes
     phases = {"forward + loss": [], "backward": [], "optimizer": []}
     with profiled[2]():
         for _ in range(args.steps):
