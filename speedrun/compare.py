@@ -37,6 +37,7 @@ With neither cross group, no split is made: run the same recipe on both machines
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 from collections import Counter
@@ -46,7 +47,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from speedrun.argtypes import target_fraction
 from speedrun.attribution import RESAMPLES, Ratio, Sample, ratio_of_products
-from speedrun.config import KEEPING_KEYS, ConfigError, flatten_keys
+from speedrun.config import KEEPING_KEYS, ConfigError, flatten_keys, from_dict
 from speedrun.console import escape, new_console, percent, plural
 from speedrun.measure.stats import seed_stats
 from speedrun.store import RunStore
@@ -56,9 +57,23 @@ HARDWARE_KEYS = frozenset({"device", "cpu", "threads"})
 LABEL_KEYS = 3  # a label names at most this many distinguishing values; the rest go under the table
 
 
+@functools.lru_cache(maxsize=4096)
+def _completed(stored: str) -> dict[str, Any]:
+    """A stored recipe (JSON) as this version reads it: every field added since at its default (what runs
+    did before the field existed) and renamed keys mapped, so one recipe keys alike in runs stored before
+    and after a field was added. As stored when it does not read as a recipe (from a newer version)."""
+    recipe = json.loads(stored)
+    try:
+        return json.loads(from_dict(recipe).to_json())
+    except (ConfigError, TypeError, ValueError):
+        return recipe
+
+
 def _recipe(run: Mapping[str, Any]) -> dict[str, Any]:
-    """The stored recipe without its name, description and keeping keys, the data source by its last path component."""
-    recipe = {k: v for k, v in (run.get("recipe") or {}).items() if k not in ("name", "description")}
+    """The stored recipe, completed to this version's fields, without its name, description and keeping
+    keys, the data source by its last path component."""
+    completed = _completed(json.dumps(run.get("recipe") or {}, sort_keys=True))
+    recipe = {k: v for k, v in completed.items() if k not in ("name", "description")}
     for key in KEEPING_KEYS:  # how the run was kept (checkpoints) is not what it trained
         section, name = key.split(".")
         if isinstance(recipe.get(section), dict):

@@ -87,6 +87,18 @@ def test_recipe_key_ignores_where_the_data_lives_but_not_what_the_recipe_is():
     assert recipe_key(a) == recipe_key(b) != recipe_key(c)
 
 
+def test_a_recipe_keys_alike_before_and_after_a_field_was_added():
+    from speedrun.recipes import get_recipe
+
+    now = get_recipe("cifar10-cpu").to_dict()
+    before = {**now, "model": {k: v for k, v in now["model"].items() if k != "block_train_fracs"}}
+    assert recipe_key({"recipe_name": "cifar10-cpu", "recipe": before}) == recipe_key(
+        {"recipe_name": "cifar10-cpu", "recipe": now})
+    changed = {**now, "model": {**now["model"], "block_train_fracs": [0.5]}}
+    assert recipe_key({"recipe_name": "cifar10-cpu", "recipe": changed}) != recipe_key(
+        {"recipe_name": "cifar10-cpu", "recipe": now})
+
+
 def test_cli_json_and_bad_keys(four_groups, capsys):
     parser = argparse.ArgumentParser(prog="speedrun")
     add_parser(parser.add_subparsers(dest="command"))
