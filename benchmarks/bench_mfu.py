@@ -1,6 +1,6 @@
 """MFU of a recipe's training step: model FLOPs per step ÷ step time ÷ the matmul peak measured around it.
 
-    .venv/bin/python benchmarks/bench_mfu.py [--recipe fashion-mnist] [--data PATH] [--rounds 8] [--steps 20] [--write]
+    .venv/bin/python benchmarks/bench_mfu.py [--recipe fashion-mnist] [--set K=V ...] [--data PATH] [--rounds 8] [--steps 20] [--write]
 
 The step is `speedrun.fit`'s: forward under the recipe's autocast, label-smoothed loss, zero_grad,
 backward, optimizer step -- on the recipe's own model (data-dependent init included), optimizer and one
@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 from speedrun import data as datalib
+from speedrun.argtypes import parse_sets
+from speedrun.config import ConfigError
 from speedrun.env import environment
 from speedrun.measure.flops import measure_matmul_peak, train_flops_per_image
 from speedrun.recipes import get_recipe
@@ -158,10 +160,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--kernel-rounds", type=int, default=5, help="rounds of the per-conv kernel timings")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, as `speedrun train --set` does (repeatable)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
 
-    recipe = get_recipe(args.recipe)
+    try:
+        recipe = get_recipe(args.recipe).override(parse_sets(args.set))
+    except ConfigError as e:
+        sys.exit(f"bench_mfu: {e}")
     dev = resolve_device("auto")
     precision = resolve_precision(recipe.train.precision, dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -282,8 +289,9 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        write_section(f"mfu:{args.recipe}", f"Step MFU: `{args.recipe}`",
-                      f"benchmarks/bench_mfu.py --recipe {args.recipe} --rounds {args.rounds} --steps {args.steps} "
+        sets = "".join(f" --set {item}" for item in args.set)
+        write_section(f"mfu:{args.recipe}{sets}", f"Step MFU: `{args.recipe}`{sets}",
+                      f"benchmarks/bench_mfu.py --recipe {args.recipe}{sets} --rounds {args.rounds} --steps {args.steps} "
                       f"--kernel-rounds {args.kernel_rounds}", env,
                       "Timed: the training step as `speedrun.fit` runs it (forward under the recipe's autocast, loss, "
                       "zero_grad, backward, optimizer step) on the recipe's model and optimizer and one augmented batch "
