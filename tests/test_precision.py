@@ -100,6 +100,8 @@ def test_compile_covers_every_input_size_of_a_progressive_resizing_schedule(monk
     imagenet = get_recipe("imagenet-resnet50")  # 128 -> 192 px in 4-px steps: 17 sizes
     assert compiled_graphs(imagenet, native=192) == 17 + 2  # + evaluation and its last partial batch
     assert compiled_graphs(get_recipe("fashion-mnist"), native=28) == 1 + 2 + 1  # + the stem freezing mid-run
+    freezing = get_recipe("fashion-mnist").override({"model.block_train_fracs": (0.5, 0.5, 0.8, 1.0)})
+    assert compiled_graphs(freezing, native=28) == 1 + 2 + 3  # the stem at 25%, two blocks at 50%, one at 80%
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)

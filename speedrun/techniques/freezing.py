@@ -17,6 +17,7 @@ parameters per block after the stem, from the input on.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterable, Iterator, Sequence
 
 from torch import nn
@@ -51,9 +52,9 @@ def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
 
 class Freeze:
     """Freezes ``params`` at the first batch at or past ``after_frac`` of the schedule and appends
-    ``(images seen then, the parameters it froze)`` to ``state.extras["freezes"]`` (the run's FLOP count
-    weighs each stretch of steps by what was frozen during it); ``after_fit`` makes them trainable
-    again, so the returned model trains like a fresh one if a user goes on."""
+    ``(images seen then, a context that freezes them again)`` to ``state.extras["freezes"]`` (the run's
+    FLOP count weighs each stretch of steps by what was frozen during it); ``after_fit`` makes them
+    trainable again, so the returned model trains like a fresh one if a user goes on."""
 
     def __init__(self, params: Iterable[nn.Parameter], *, after_frac: float) -> None:
         if not 0.0 <= after_frac <= 1.0:
@@ -68,7 +69,7 @@ class Freeze:
 
     def _freeze(self, state, from_image: int) -> None:
         self.frozen, self.from_image = freeze_(self.params), from_image
-        state.extras.setdefault("freezes", []).append((from_image, self.frozen))
+        state.extras.setdefault("freezes", []).append((from_image, functools.partial(frozen, self.frozen)))
 
     def state_dict(self) -> dict:
         return {"frozen_from_image": None if self.frozen is None else self.from_image}

@@ -1,6 +1,7 @@
 """``speedrun.train``: assemble a recipe into a model, data and hooks, run it against the clock, record it."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
@@ -27,7 +28,6 @@ from speedrun.models import ModelArg, build_model, check_model_config, check_out
 from speedrun.recipes.sized import NO_TARGET, SIZED, sized_for
 from speedrun.store import RESUMABLE, RunStore, StoreError, new_run_id
 from speedrun.techniques import registry
-from speedrun.techniques.freezing import frozen
 from speedrun.techniques.optimizers import build_optimizer
 from speedrun.techniques.schedules import LRSchedule
 from speedrun.train import checkpoint, distributed
@@ -614,8 +614,8 @@ def _fit(recipe: Recipe, parts: Parts, dev: torch.device, budget: Budget, clock:
 
 def _count_flops(parts: Parts, state: FitState) -> tuple[float, float]:
     """(counted, useful) forward+backward FLOPs per training image, as the run's steps did them on
-    average: steps after a hook froze parameters (``extras["freezes"]``: ``(images seen then, the
-    parameters)``, from stem- and layer-freezing) do less work, and progressive resizing
+    average: steps after a hook froze parameters (``extras["freezes"]``: ``(images seen then, a context
+    that freezes them again)``, from stem- and layer-freezing) do less work, and progressive resizing
     (``extras["pixel_fraction"]``) trains on fewer pixels."""
     example = state.extras.pop("example")
     model = parts.model
@@ -634,7 +634,9 @@ def _count_flops(parts: Parts, state: FitState) -> tuple[float, float]:
         flops = useful = 0.0
         for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
             if b > a:
-                with frozen([p for _, params in freezes[:i] for p in params]):
+                with contextlib.ExitStack() as stack:
+                    for _, freeze in freezes[:i]:
+                        stack.enter_context(freeze())
                     f, u = count()
                 flops, useful = flops + (b - a) / seen * f, useful + (b - a) / seen * u
     pixels = state.extras.get("pixel_fraction", 1.0)  # progressive resizing: mean work per image
