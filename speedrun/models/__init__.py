@@ -7,7 +7,9 @@ image_size=)`` and returning an ``nn.Module`` that maps normalized images (N, C,
 
 A model may define ``init_from_data(images)``: the patch-whitening technique calls it once, inside
 the clock, with normalized unaugmented training images. A model with ``stem_parameters()`` (the
-parameters of its first layer and of the normalization after it) supports ``model.stem_train_frac``.
+parameters of its first layer and of the normalization after it) supports ``model.stem_train_frac``;
+one with ``block_parameters()`` (a list of parameters per block after the first layer, from the input
+on) supports ``model.block_train_fracs``.
 What each technique needs of a model is checked on a probe before a run starts
 (``speedrun.techniques.registry.check_model``).
 """
