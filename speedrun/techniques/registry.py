@@ -513,7 +513,9 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "Brock et al. 2017 (FreezeOut)",
         "CPU-bound training where the early, high-resolution blocks are a large share of the step and "
         "settle before the later ones",
-        "none; each frozen block skips its weight and input gradients", "model.block_train_fracs",
+        "accuracy at equal epochs (cifar10-cpu, seed 0: -0.5 points with its first two groups frozen at "
+        "60% and 85% of 5 epochs, for 17% less training time): it pays where the time saved buys more",
+        "model.block_train_fracs",
         lambda r: len(r.model.block_train_fracs) > 0,
         lambda r: _set(r, "model", block_train_fracs=()),
         stage="model", apply=_freeze_blocks, order=ORDER_FREEZE, needs=("block_parameters",),
