@@ -13,7 +13,8 @@ switch read by one of the trainer's own parts: the loader (augmentation), the op
 (``speedrun.techniques.optimizers``), the LR schedule or the evaluator (test-time augmentation).
 
 A technique that needs something of the model's structure names it in ``needs`` (``CAPABILITIES``);
-``check_model`` refuses it, before a run's clock starts, on a model without it.
+``check_model`` refuses it, before a run's clock starts, on a model without it, and on one where the
+record's ``check`` finds the recipe does not fit the model (more freeze fractions than blocks).
 
 Listing the catalog must not import torch (``speedrun techniques`` answers in a fraction of a
 second), so the ``apply`` functions import their technique modules when called.
