@@ -23,6 +23,21 @@ def second_layer_input(model: nn.Module) -> nn.Conv2d:
     return next(m for m in model.modules() if isinstance(m, nn.Conv2d) and id(m.weight) not in stem)
 
 
+def eight_steps(model: nn.Module, *, batches: int) -> FitState:
+    """A fit of 8 SGD steps of ``model`` (3 inputs, 2 classes) over an epoch of ``batches`` random batches of 4."""
+    data = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(batches)]
+
+    class Loader:
+        def __len__(self):
+            return len(data)
+
+        def epoch(self, e):
+            return iter(data)
+
+    return FitState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                    loss_fn=nn.functional.cross_entropy, loader=Loader(), schedule_steps=8, max_steps=8)
+
+
 def test_freeze_drops_gradients_and_returns_only_what_it_changed():
     a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2), requires_grad=False)
     a.grad = torch.ones(2)
@@ -56,17 +71,7 @@ def test_a_frozen_stem_stops_the_backward_at_the_second_layer(name):
 def test_freeze_stem_hook_freezes_at_its_fraction_and_undoes_it_after_the_fit():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
-    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(4)]
-
-    class Loader:
-        def __len__(self):
-            return len(batches)
-
-        def epoch(self, e):
-            return iter(batches)
-
-    state = FitState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                     loss_fn=nn.functional.cross_entropy, loader=Loader(), schedule_steps=8, max_steps=8)
+    state = eight_steps(model, batches=4)
     stem, snapshots = list(model[0].parameters()), []
 
     class Watch:
@@ -160,17 +165,7 @@ def test_blocks_are_disjoint_after_the_stem_and_freezing_the_first_stops_the_bac
 def test_freezeout_freezes_each_block_at_its_fraction_front_to_back_and_resumes_its_state():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2))
-    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(8)]
-
-    class Loader:
-        def __len__(self):
-            return len(batches)
-
-        def epoch(self, e):
-            return iter(batches)
-
-    state = FitState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                     loss_fn=nn.functional.cross_entropy, loader=Loader(), schedule_steps=8, max_steps=8)
+    state = eight_steps(model, batches=8)
     blocks = [list(layer.parameters()) for layer in model]
     trains = []  # (progress, does block 0 train, does block 1, does block 2)
 
@@ -185,9 +180,7 @@ def test_freezeout_freezes_each_block_at_its_fraction_front_to_back_and_resumes_
     assert [start for start, _ in state.extras["freezes"]] == [2 * 4, 4 * 4]  # images seen at each freeze
     assert all(p.requires_grad for block in blocks for p in block)  # after_fit handed them back
     saved = hook.state_dict()
-    again = FreezeOut(blocks, (0.25, 0.5))
-    fresh = FitState(model=model, optimizer=state.optimizer, loss_fn=state.loss_fn, loader=Loader(),
-                     schedule_steps=8, max_steps=8)
+    again, fresh = FreezeOut(blocks, (0.25, 0.5)), eight_steps(model, batches=8)
     again.load_state_dict(saved, fresh)  # a resumed run freezes what the checkpoint had frozen
     assert not blocks[0][0].requires_grad and not blocks[1][0].requires_grad and blocks[2][0].requires_grad
     assert [start for start, _ in fresh.extras["freezes"]] == [8, 16]
