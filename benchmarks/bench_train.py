@@ -6,7 +6,7 @@
 Part 1 runs the recipe to its target once per seed, exactly as `speedrun train` does (the clock
 covers loading the prepared dataset, building the model, training and every evaluation; the
 one-time IDX decode is outside it and reported apart). Around every seed, outside its clock, the
-fp32 matmul peak is measured again, so each seed's MFU is also stated against the peak of that moment:
+matmul peak in the run's precision is measured again, so each seed's MFU is also stated against the peak of that moment:
 this shared machine's speed drifts by up to ~1.3x within an hour, and the peak `speedrun train` caches
 once per machine does not follow it.
 Part 2 measures the event loop's overhead: the same model, optimizer, LR schedule and batches,
@@ -28,11 +28,11 @@ import torch
 
 import speedrun
 from speedrun import data as datalib
-from speedrun.env import environment
+from speedrun.env import environment, resolve_precision
 from speedrun.argtypes import target_fraction
 from speedrun.cli import parse_sets
 from speedrun.measure.clock import Clock
-from speedrun.measure.flops import measure_matmul_peak
+from speedrun.measure.flops import measure_matmul_peak, precision_dtype
 from speedrun.measure.stats import seed_stats
 from speedrun.models import build_model
 from speedrun.techniques.label_smoothing import smoothed_cross_entropy
@@ -56,19 +56,21 @@ def train_seed(recipe_name: str, seed: int, store: Path, data: str | None = None
     return r
 
 
-def peak_now() -> float:
-    """The fp32 matmul peak of this moment (best of 5, as `speedrun train` measures it once per machine)."""
-    return measure_matmul_peak(torch.device("cpu"))
+def peak_now(dtype: torch.dtype) -> float:
+    """The matmul peak of this moment in ``dtype`` (best of 5, as `speedrun train` measures it once per machine)."""
+    return measure_matmul_peak(torch.device("cpu"), dtype)
 
 
 def time_to_accuracy(recipe_name: str, seeds: int, store: Path, data: str | None = None,
                      target: float | None = None, overrides: dict | None = None,
                      first_seed: int = 0) -> tuple[list, str]:
     """Every seed in turn, with the matmul peak measured before and after each (outside its clock)."""
-    results, peaks = [], [peak_now()]
+    recipe = resolve_recipe(recipe_name).override(overrides or {})
+    dtype = precision_dtype(resolve_precision(recipe.train.precision, torch.device("cpu")))
+    results, peaks = [], [peak_now(dtype)]
     for seed in range(first_seed, first_seed + seeds):
         results.append(train_seed(recipe_name, seed, store, data, target, overrides))
-        peaks.append(peak_now())
+        peaks.append(peak_now(dtype))
         print(f"    matmul peak before/after: {peaks[-2] / 1e9:.0f} / {peaks[-1] / 1e9:.0f} GFLOP/s", flush=True)
     # The higher of the two peaks around a seed: the conservative denominator for its MFU.
     return results, seed_table(results, [max(a, b) for a, b in zip(peaks, peaks[1:])])
@@ -95,7 +97,7 @@ def seed_table(results: list, local_peaks: list[float] | None = None) -> str:
     rule = "|---|---|---|---|---|---|---|---|"
     if local:
         head, rule = head + " peak then (GFLOP/s) | MFU then |", rule + "---|---|"
-    mfu = (f"MFU = achieved training FLOP/s ÷ the fp32 2048² matmul peak `speedrun train` measured once and "
+    mfu = (f"MFU = achieved training FLOP/s ÷ the {r0.env['precision']} 2048² matmul peak `speedrun train` measured once and "
            f"cached, {r0.peak_flops / 1e9:.1f} GFLOP/s (median MFU {statistics.median(r.mfu for r in results):.0%})")
     if local:
         mfu += (f"; *MFU then* divides by the peak measured just before and after each seed, the higher of the two "
