@@ -1,6 +1,6 @@
 """Benchmark training-step throughput of a recipe's model: fp32, bf16 autocast, torch.compile, compile + bf16.
 
-    .venv/bin/python benchmarks/bench_precision.py [--recipe fashion-mnist] [--repeats 7] [--steps 30] [--write]
+    .venv/bin/python benchmarks/bench_precision.py [--recipe fashion-mnist] [--data PATH] [--repeats 7] [--steps 30] [--write]
 
 What is timed: one training step of the recipe's model, optimizer and loss (forward under the
 variant's autocast, label-smoothed cross-entropy, backward, optimizer step) on batches of the
@@ -98,6 +98,7 @@ def fmt_ips(values: list[float]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="fashion-mnist")
+    parser.add_argument("--data", help="dataset path (default: the recipe's data.source)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (default 7)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant per round (default 30)")
@@ -116,7 +117,8 @@ def main() -> int:
     recipe = resolve_recipe(args.recipe)
     dev = resolve_device(args.device)
     env = environment(dev)
-    directory = datalib.prepare(datalib.resolve(recipe.data.source)).directory
+    directory = datalib.prepare(datalib.resolve(args.data or recipe.data.source,
+                                                **datalib.source_options(recipe.data))).directory
     parts = build_parts(recipe, directory, dev, "fp32", seed=0)
     batches = [b for _, b in zip(range(8), parts.train_loader.epoch(0))]  # made once, outside the timing
     batch = recipe.train.batch_size
