@@ -7,7 +7,7 @@ backward, optimizer step -- on the recipe's own model (data-dependent init inclu
 augmented batch from its training loader, repeated. Not timed: data loading, the LR schedule,
 evaluation (`bench_train.py` reports the MFU of whole runs, which include them).
 
-Each round measures the fp32 2048² matmul peak (best of 5, as `speedrun train` does) just before and
+Each round measures the 2048² matmul peak in the run's precision (best of 5, as `speedrun train` does) just before and
 just after ``--steps`` steps; the round's MFU divides by the higher of the two, so a machine that slows
 down mid-round is not credited with it. Then one more pass times the step's phases (forward + loss,
 backward, optimizer) and a torch.profiler pass splits the step's operator time by kind.
@@ -37,7 +37,7 @@ from speedrun import data as datalib
 from speedrun.argtypes import parse_sets
 from speedrun.config import ConfigError
 from speedrun.env import environment
-from speedrun.measure.flops import measure_matmul_peak, train_flops_per_image
+from speedrun.measure.flops import measure_matmul_peak, precision_dtype, train_flops_per_image
 from speedrun.recipes import get_recipe
 from speedrun.techniques.freezing import frozen
 from speedrun.env import resolve_precision
@@ -58,7 +58,7 @@ def kind_of(name: str) -> str:
 
 
 def conv_kernels(model: torch.nn.Module, x: torch.Tensor, context, autocast, rounds: int,
-                 dev: torch.device) -> list[dict]:
+                 dev: torch.device, dtype: torch.dtype) -> list[dict]:
     """Each conv's forward, input-gradient and weight-gradient kernel timed alone, as the step in
     ``context`` runs it (a gradient the step does not compute is None), against the peak around it."""
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -100,12 +100,12 @@ def conv_kernels(model: torch.nn.Module, x: torch.Tensor, context, autocast, rou
         layers.append(dict(name=f"{conv.in_channels}→{conv.out_channels} at {inp.size(-2)}×{inp.size(-1)} px",
                            flops=flops, kernels=kernels, seconds={k: [] for k, f in kernels.items() if f}, peaks=[]))
     for _ in range(rounds):
-        before = measure_matmul_peak(dev)
+        before = measure_matmul_peak(dev, dtype)
         for layer in layers:
             for name, fn in layer["kernels"].items():
                 if fn:
                     layer["seconds"][name].append(median_s(fn))
-        peak = max(before, measure_matmul_peak(dev))
+        peak = max(before, measure_matmul_peak(dev, dtype))
         for layer in layers:
             layer["peaks"].append(peak)
     return layers
@@ -171,6 +171,7 @@ def main() -> int:
         sys.exit(f"bench_mfu: {e}")
     dev = resolve_device("auto")
     precision = resolve_precision(recipe.train.precision, dev)
+    dtype = precision_dtype(precision)  # every peak is measured in the run's precision
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     try:
         prepared = datalib.prepare(datalib.resolve(args.data or recipe.data.source))
@@ -203,7 +204,7 @@ def main() -> int:
     rows = {name: [] for name, _, _ in variants}
     rows_run = []  # the run's mix of the variants
     for i in range(args.rounds):
-        before = measure_matmul_peak(dev)
+        before = measure_matmul_peak(dev, dtype)
         seconds = {}
         for name, _, context in variants:
             with context():
@@ -213,7 +214,7 @@ def main() -> int:
                     step()
                 sync()
                 seconds[name] = (time.perf_counter() - t0) / args.steps
-        after = measure_matmul_peak(dev)
+        after = measure_matmul_peak(dev, dtype)
         peak = max(before, after)
         mixes = [(name, seconds[name], flops_per_image[name] * len(y)) for name in seconds]
         if len(variants) > 1:
@@ -252,7 +253,7 @@ def main() -> int:
         if event.key.startswith("aten::"):
             kinds[kind_of(event.key)] = kinds.get(kind_of(event.key), 0.0) + event.self_cpu_time_total
     total = sum(kinds.values())
-    layers = conv_kernels(model, x, profiled[2], parts.autocast, args.kernel_rounds, dev)
+    layers = conv_kernels(model, x, profiled[2], parts.autocast, args.kernel_rounds, dev, dtype)
     conv_ms = sum(statistics.median(secs) * 1e3 for layer in layers for secs in layer["seconds"].values())
     step_ms = statistics.median(r["ms"] for r in rows[profiled[0]])
 
@@ -296,8 +297,8 @@ def main() -> int:
                       "Timed: the training step as `speedrun.fit` runs it (forward under the recipe's autocast, loss, "
                       "zero_grad, backward, optimizer step) on the recipe's model and optimizer and one augmented batch "
                       "of its loader, after 5 warm-up steps; no data loading, LR schedule or evaluation. MFU = model "
-                      "FLOPs per step ÷ step time ÷ the higher of the fp32 2048² matmul peaks measured just before and "
-                      f"just after the round.\n\n{table}\n")
+                      "FLOPs per step ÷ step time ÷ the higher of the 2048² matmul peaks in the run's precision "
+                      f"({precision}) measured just before and just after the round.\n\n{table}\n")
     return 0
 
 
