@@ -63,6 +63,20 @@ def test_a_cached_peak_below_a_sustained_rate_is_measured_again_and_the_higher_k
     assert flops.matmul_peak(torch.device("cpu"), "test-cpu", at_least=60e9) == 50e9  # ... never lowers it
 
 
+
+def test_remeasuring_keeps_the_best_peak_seen(isolated_home, monkeypatch):
+    """A long run measures again: a higher reading replaces the cache (its first reading was a slow
+    moment), a lower one leaves it (this moment is the slow one)."""
+    from speedrun.measure import flops
+
+    readings = iter([600e9, 2100e9, 700e9])
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda *a, **k: next(readings))
+    assert flops.matmul_peak(torch.device("cpu"), "test-cpu") == 600e9
+    assert flops.matmul_peak(torch.device("cpu"), "test-cpu") == 600e9  # cached: not measured
+    assert flops.matmul_peak(torch.device("cpu"), "test-cpu", remeasure=True) == 2100e9
+    assert flops.matmul_peak(torch.device("cpu"), "test-cpu", remeasure=True) == 2100e9
+    assert next(readings, None) is None  # three readings taken, no more
+
 def test_mlperf_aggregate_drops_fastest_and_slowest():
     assert mlperf_aggregate([5.0, 1.0, 3.0, 4.0, 100.0]) == pytest.approx(4.0)
     assert mlperf_aggregate([5.0, None, 3.0, 4.0, 1.0]) == pytest.approx(4.0)  # failure counts as slowest

@@ -192,3 +192,19 @@ def test_cli_defaults_to_sized_for_data_of_ones_own(tmp_path, monkeypatch, capsy
     assert main(["train", "--data", data, "--set", "train.epoch=1"]) == 2
     assert "unknown key 'train.epoch'" in capsys.readouterr().err
     assert sized.default_recipe(None) == sized.default_recipe("fashion-mnist") == "fashion-mnist"
+
+
+def test_a_run_past_the_threshold_measures_the_peak_again(tmp_path, monkeypatch):
+    """Runs long enough for their MFU to matter re-read the matmul peak (keeping the best), short ones don't."""
+    from speedrun.train import run
+
+    readings = []
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda *a, **k: readings.append(1) or 1e11)
+    monkeypatch.setenv("SPEEDRUN_HOME", str(tmp_path / "home"))
+    data = _gratings(tmp_path)
+    for _ in range(2):
+        speedrun.train("sized", data=data, store=None, threads=1, train__epochs=1)
+    assert len(readings) == 1  # short runs: measured once, then cached
+    monkeypatch.setattr(run, "REMEASURE_PEAK_AFTER_S", 0.0)
+    speedrun.train("sized", data=data, store=None, threads=1, train__epochs=1)
+    assert len(readings) == 2
