@@ -152,6 +152,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     retain_memory: bool = False  # keep freed memory in the process (glibc mallopt); process-wide
+    # 3x3 convs over 3x3 maps take their weight gradient as one matmul (speedrun.techniques.small_convs);
+    # auto: where it was measured to pay, a bf16 run on a CPU with AMX.
+    dense_conv_grad: Literal["off", "on", "auto"] = "off"
     # Write a checkpoint (speedrun.train.checkpoint) after a step once this many seconds of the run's clock
     # have passed since the last: runs shorter than that write none; 0: never. For `train --resume`.
     checkpoint_every_s: float = 300.0

@@ -38,8 +38,10 @@ def fashion_mnist() -> Recipe:
         optim=OptimConfig(name="muon", lr=0.6, lr_batch_size=256, momentum=0.9, nesterov=True,
                           weight_decay=5e-4, muon_lr=0.15, muon_momentum=0.85),
         schedule=ScheduleConfig(kind="one-cycle", warmup_frac=0.2, start_factor=0.0, end_factor=0.0),
+        # On a CPU with AMX, in bf16, the two 3 px convs' weight gradients as one matmul each (dense-conv-grad):
+        # a 1.12x faster step there (6 interleaved rounds); elsewhere unmeasured, so left to oneDNN.
         train=TrainConfig(epochs=1.75, batch_size=256, label_smoothing=0.1, channels_last=True,
-                          precision="auto"),
+                          precision="auto", dense_conv_grad="auto"),
         # One evaluation, at the end of the schedule: before the LR has annealed, accuracy is well short
         # of 92%, so earlier evaluations would only cost time.
         # Batches of 512: the 10,000 test images and their mirrors in ~1.7 s against ~2.4 s at 1,024 (the
