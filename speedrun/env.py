@@ -11,6 +11,7 @@ import torch
 
 import speedrun
 from speedrun.config import ConfigError
+from speedrun.cpuinfo import cpu_flags
 
 
 @functools.cache
@@ -25,16 +26,6 @@ def cpu_model() -> str:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def cpu_has_native_bf16() -> bool:
     """True where bf16 matmuls run in hardware (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})

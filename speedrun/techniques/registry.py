@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
+from speedrun import cpuinfo
 from speedrun.config import ConfigError, Recipe
 
 if TYPE_CHECKING:
@@ -110,13 +111,18 @@ def _retain_memory(recipe: Recipe) -> None:
     retain_freed_memory()
 
 
+def _dense_conv_grad_on(r: Recipe) -> bool:
+    """``on``; or ``auto`` on a CPU with AMX, where it was measured to pay (its ``apply`` then also wants a
+    bf16 CPU run). Elsewhere ``auto`` is a no-op, which ablations would only spend runs on."""
+    setting = r.train.dense_conv_grad
+    return setting == "on" or (setting == "auto" and "amx_bf16" in cpuinfo.cpu_flags())
+
+
 def _dense_conv_grad(a: Assembly) -> None:
-    from speedrun.env import cpu_flags
     from speedrun.techniques.small_convs import dense_weight_grad
 
-    if a.recipe.train.dense_conv_grad == "auto" and not (
-            a.device.type == "cpu" and a.precision == "bf16" and "amx_bf16" in cpu_flags()):
-        return
+    if a.recipe.train.dense_conv_grad == "auto" and not (a.device.type == "cpu" and a.precision == "bf16"):
+        return  # auto on a GPU, or precision=auto resolved to fp32
     dense_weight_grad(a.model)
 
 
@@ -380,7 +386,7 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "1.12x in bf16 on a 2-core Xeon with AMX (the two 3 px convs' weight gradients 3.5-5x); ~1x for "
         "cifar10-cpu there; not measured elsewhere (auto: AMX and bf16 only)",
         "none: the same gradient to rounding", "train.dense_conv_grad",
-        lambda r: r.train.dense_conv_grad != "off",
+        _dense_conv_grad_on,
         lambda r: _set(r, "train", dense_conv_grad="off"),
         stage="model", apply=_dense_conv_grad, order=45),
     Technique(
