@@ -99,3 +99,15 @@ def test_the_recipe_switch_resolves_by_device(monkeypatch, setting, flags, preci
     if technique.enabled(recipe):
         technique.apply(SimpleNamespace(recipe=recipe, device=torch.device("cpu"), precision=precision, model=model))
     assert (type(model[0]) is DenseGradConv2d) == switched
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="torch.compile on a CPU needs g++")
+def test_torch_compile_traces_the_switched_conv():
+    """Dynamo traces the custom autograd function (no graph break to eager) and its gradients are the plain conv's."""
+    plain, dense = _pair(bias=True)
+    compiled = torch.compile(dense, fullgraph=True)  # fullgraph: a graph break would raise
+    x = torch.randn(4, 8, 3, 3)
+    for conv in (plain, compiled):
+        conv(x).pow(2).sum().backward()
+    torch.testing.assert_close(dense.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-5)

@@ -19,19 +19,16 @@ forward and input gradient always, stays oneDNN's.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-@functools.cache
-def _pairs() -> tuple[Tensor, Tensor, Tensor]:
-    """(p, q, tap) index tensors for the 49 (output, input) position pairs a 3x3 filter connects on a 3x3 map."""
-    pairs = [(p, q, (q // 3 - p // 3 + 1) * 3 + (q % 3 - p % 3 + 1)) for p in range(9) for q in range(9)
-             if abs(q // 3 - p // 3) <= 1 and abs(q % 3 - p % 3) <= 1]
-    return tuple(torch.tensor(column) for column in zip(*pairs))
+# The 49 (output position p, input position q) pairs a 3x3 filter connects on a 3x3 map, positions
+# numbered row-major, and the filter tap t each pair goes through: index tensors over the pairs.
+_PAIRS = [(p, q, (q // 3 - p // 3 + 1) * 3 + (q % 3 - p % 3 + 1)) for p in range(9) for q in range(9)
+          if abs(q // 3 - p // 3) <= 1 and abs(q % 3 - p % 3) <= 1]
+_P, _Q, _TAP = (torch.tensor(column) for column in zip(*_PAIRS))
 
 
 def dense_conv3x3_weight_grad(x: Tensor, grad_out: Tensor) -> Tensor:
@@ -40,9 +37,8 @@ def dense_conv3x3_weight_grad(x: Tensor, grad_out: Tensor) -> Tensor:
     xs = x.permute(0, 2, 3, 1).reshape(n, 9 * c)  # (position, channel) columns: free for channels_last
     gs = grad_out.permute(0, 2, 3, 1).reshape(n, 9 * o)
     blocks = (gs.t() @ xs).view(9, o, 9, c)  # [p, o, q, c]
-    p, q, tap = _pairs()
     taps = torch.zeros(9, o, c, dtype=torch.float32, device=x.device)
-    taps.index_add_(0, tap.to(x.device), blocks[p.to(x.device), :, q.to(x.device), :].float())
+    taps.index_add_(0, _TAP.to(x.device), blocks[_P.to(x.device), :, _Q.to(x.device), :].float())
     return taps.permute(1, 2, 0).reshape(o, c, 3, 3)
 
 
