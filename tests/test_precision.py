@@ -104,8 +104,9 @@ def test_compile_covers_every_input_size_of_a_progressive_resizing_schedule(monk
     assert compiled_graphs(freezing, native=28) == 1 + 2 + 3  # the stem at 25%, two blocks at 50%, one at 80%
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    compile_model(torch.nn.Identity(), imagenet, native=192)
-    assert torch._dynamo.config.recompile_limit == 19 and calls == [{}]
-    compile_model(torch.nn.Identity(), get_recipe("fashion-mnist"), native=28)
-    assert torch._dynamo.config.recompile_limit == 19  # never lowered
+    # dynamo's own patch, not monkeypatch's: pytest's undo deletes a config entry, breaking later compiles
+    with torch._dynamo.config.patch(recompile_limit=8):
+        compile_model(torch.nn.Identity(), imagenet, native=192)
+        assert torch._dynamo.config.recompile_limit == 19 and calls == [{}]
+        compile_model(torch.nn.Identity(), get_recipe("fashion-mnist"), native=28)
+        assert torch._dynamo.config.recompile_limit == 19  # never lowered
