@@ -130,9 +130,9 @@ def matmul_peak(device: torch.device, device_name: str, dtype: torch.dtype = tor
     reads it later. ``at_least`` (a rate the caller has just sustained, e.g. a run's useful FLOP/s) above
     the cached value proves it stale: the peak is measured again and the cache keeps the higher value.
     ``remeasure`` measures again regardless and keeps the higher value, so the cache holds the best rate
-    the device has been seen to reach: on a virtual machine whose neighbours share its cores' units, one
-    reading can be several times too low (a 2-core Xeon's bf16 2048² matmul read 514-2,119 GFLOP/s within
-    one hour, BENCHMARKS.md "A third CPU kind"), which would inflate every MFU set against it.
+    the device has been seen to reach: one reading can be several times too low (a 2-core Xeon VM's bf16
+    2048² matmul read 514-2,119 GFLOP/s within one hour, most likely neighbours sharing its cores' AMX
+    units; BENCHMARKS.md "A third CPU kind"), which would inflate every MFU set against it.
 
     On a GPU the product is 8192²: at 2048² a data-centre GPU finishes in tens of microseconds and the
     launch, not the tensor cores, sets the rate.
