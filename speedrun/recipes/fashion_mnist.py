@@ -39,7 +39,8 @@ def fashion_mnist() -> Recipe:
                           weight_decay=5e-4, muon_lr=0.15, muon_momentum=0.85),
         schedule=ScheduleConfig(kind="one-cycle", warmup_frac=0.2, start_factor=0.0, end_factor=0.0),
         # On a CPU with AMX, in bf16, the two 3 px convs' weight gradients as one matmul each (dense-conv-grad):
-        # a 1.12x faster step there (6 interleaved rounds); elsewhere unmeasured, so left to oneDNN.
+        # a 1.12x faster step there (6 interleaved rounds; whole runs did not resolve it from that host's noise
+        # at 5 seeds: ablate 0.97x [0.88, 1.28]); elsewhere unmeasured, so left to oneDNN.
         train=TrainConfig(epochs=1.75, batch_size=256, label_smoothing=0.1, channels_last=True,
                           precision="auto", dense_conv_grad="auto"),
         # One evaluation, at the end of the schedule: before the LR has annealed, accuracy is well short

@@ -383,8 +383,9 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
         "the filter's taps, instead of oneDNN's backward-weights kernel",
         "this project (a 3x3 conv on a 3x3 map is a dense linear map)",
         "nets that pool down to 3x3 px, on CPUs whose matmuls far outrun that kernel: the fashion-mnist step "
-        "1.12x in bf16 on a 2-core Xeon with AMX (the two 3 px convs' weight gradients 3.5-5x); ~1x for "
-        "cifar10-cpu there; not measured elsewhere (auto: AMX and bf16 only)",
+        "1.12x in bf16 on a 2-core Xeon with AMX (the two 3 px convs' weight gradients 3.5-5x; whole runs: "
+        "not resolved from that host's noise at 5 seeds); ~1x for cifar10-cpu there; not measured elsewhere "
+        "(auto: AMX and bf16 only)",
         "none: the same gradient to rounding", "train.dense_conv_grad",
         _dense_conv_grad_on,
         lambda r: _set(r, "train", dense_conv_grad="off"),
