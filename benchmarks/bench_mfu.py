@@ -159,7 +159,8 @@ def main() -> int:
     parser.add_argument("--data", help="dataset: a built-in name or a path (default: the recipe's)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--kernel-rounds", type=int, default=5, help="rounds of the per-conv kernel timings")
+    parser.add_argument("--kernel-rounds", type=int, default=5,
+                        help="rounds of the per-conv kernel timings (0: skip them)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, as `speedrun train --set` does (repeatable)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
@@ -253,7 +254,8 @@ def main() -> int:
         if event.key.startswith("aten::"):
             kinds[kind_of(event.key)] = kinds.get(kind_of(event.key), 0.0) + event.self_cpu_time_total
     total = sum(kinds.values())
-    layers = conv_kernels(model, x, profiled[2], parts.autocast, args.kernel_rounds, dev, dtype)
+    layers = conv_kernels(model, x, profiled[2], parts.autocast, args.kernel_rounds, dev, dtype) \
+        if args.kernel_rounds > 0 else []
     conv_ms = sum(statistics.median(secs) * 1e3 for layer in layers for secs in layer["seconds"].values())
     step_ms = statistics.median(r["ms"] for r in rows[profiled[0]])
 
@@ -278,15 +280,18 @@ def main() -> int:
         + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in phases.items()) + ".",
         f"Operator time by kind (torch.profiler, self CPU time, {args.steps} steps): "
         + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + ".",
-        "",
-        f"Convolution kernels of the step{'' if len(variants) == 1 else ' (' + profiled[0] + ')'}, each timed alone "
-        f"on its layer's input (median of 10 calls, median over {args.kernel_rounds} rounds; % of the peak around "
-        f"each round):",
-        "",
-        kernel_table(layers),
-        "",
-        f"Together {conv_ms:.1f} ms, {conv_ms / step_ms:.0%} of the step's median {step_ms:.1f} ms.",
     ]
+    if layers:  # --kernel-rounds 0 skips them
+        lines += [
+            "",
+            f"Convolution kernels of the step{'' if len(variants) == 1 else ' (' + profiled[0] + ')'}, each timed alone "
+            f"on its layer's input (median of 10 calls, median over {args.kernel_rounds} rounds; % of the peak around "
+            f"each round):",
+            "",
+            kernel_table(layers),
+            "",
+            f"Together {conv_ms:.1f} ms, {conv_ms / step_ms:.0%} of the step's median {step_ms:.1f} ms.",
+        ]
     table = "\n".join(lines)
     print(table)
     if args.write:
