@@ -74,3 +74,24 @@ def cifar10_cpu() -> Recipe:
         # forward pass: keeping freed memory in the process halved the six-view evaluation's time.
         "train.retain_memory": True,
     })
+
+
+def cifar10_cpu_90() -> Recipe:
+    """``cifar10-cpu`` at airbench94's widths (64/256/256) and longer: CIFAR-10 to 90.6%, the accuracy
+    airbench94 itself reaches on the JPEG copy of CIFAR-10 this project benchmarks on, on a CPU.
+
+    Chosen on a held-out tenth of the training set (seed 0, bf16 on a 2-core AMX Xeon; BENCHMARKS.md,
+    "cifar10-cpu-90"): at these widths 7 epochs scored 90.60% and 9 epochs 90.80% on the 5,000 held-out
+    images, against 89.04% / 89.74% / 90.20% for widths 64/128/256 at 6 / 8 / 12 epochs (fp32, Zen 3).
+    12 epochs extend that trend (~0.1 point per epoch) for a margin over 90.6% on fresh seeds; they were
+    not screened themselves.
+    """
+    return cifar10_cpu().override({
+        "name": "cifar10-cpu-90",
+        "description": "cifar10-cpu at airbench94's widths 64/256/256 for 12 epochs: CIFAR-10 to 90.6% "
+                       "(airbench94's accuracy on the JPEG copy) on a CPU; widths and epochs chosen on a held-out "
+                       "tenth of the training set (12 epochs extrapolated from 7 and 9)",
+        "target": 0.906,
+        "model.widths": (64, 256, 256),
+        "train.epochs": 12.0,
+    })
