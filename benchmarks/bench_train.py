@@ -30,6 +30,7 @@ import speedrun
 from speedrun import data as datalib
 from speedrun.env import environment, resolve_precision
 from speedrun.argtypes import target_fraction
+from speedrun.console import percent
 from speedrun.cli import parse_sets
 from speedrun.measure.clock import Clock
 from speedrun.measure.flops import measure_matmul_peak, precision_dtype
@@ -93,7 +94,7 @@ def seed_table(results: list, local_peaks: list[float] | None = None) -> str:
         if local:
             row += f" {local_peaks[i] / 1e9:.0f} | {r.flops_per_s / local_peaks[i]:.0%} |"
         rows.append(row)
-    head = f"| seed | outcome | time-to-{r0.target:.0%} | best acc | epochs | evals (s) | train img/s | MFU |"
+    head = f"| seed | outcome | time-to-{percent(r0.target)} | best acc | epochs | evals (s) | train img/s | MFU |"
     rule = "|---|---|---|---|---|---|---|---|"
     if local:
         head, rule = head + " peak then (GFLOP/s) | MFU then |", rule + "---|---|"
@@ -105,7 +106,7 @@ def seed_table(results: list, local_peaks: list[float] | None = None) -> str:
     lines = [
         head, rule, *rows,
         "",
-        f"**{s.runs} seeds: pass-rate {s.pass_rate:.0%}; time-to-{r0.target:.0%} median {fmt(s.median_s)}, "
+        f"**{s.runs} seeds: pass-rate {s.pass_rate:.0%}; time-to-{percent(r0.target)} median {fmt(s.median_s)}, "
         f"min {fmt(s.min_s)}, max {fmt(s.max_s)}, CV {0 if s.cv is None else s.cv:.1%}; "
         f"MLPerf aggregate (drop fastest and slowest, mean of the rest) {fmt(s.mlperf_s)}.**",
         "",
