@@ -113,6 +113,10 @@ def run_airbench(airbench, utils, seed: int, targets: tuple[float, ...], epochs:
             "own_clock_s": own[-1] if own else None}
 
 
+def seconds(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f} s"
+
+
 def stats(xs: list) -> str:
     got = [x for x in xs if x is not None]
     if not got:
@@ -179,7 +183,7 @@ def main() -> int:
             ab_total.append(r["total_s"])
             ab_final.append(r["final_tta"])
             ab_own.append(r["own_clock_s"])
-            print(f"  airbench94 seed {seed}: " + ", ".join(f"{percent(t)} at {r['reached'][t]}" for t in targets)
+            print(f"  airbench94 seed {seed}: " + ", ".join(f"{percent(t)} at {seconds(r['reached'][t])}" for t in targets)
                   + f"; final {r['final_tta']:.2%} (TTA) at {r['total_s']:.1f} s ({r['own_clock_s']:.1f} s on "
                   f"airbench's own clock, which leaves out its per-epoch evaluations); {load()}", flush=True)
         if i >= speedrun_runs:
@@ -188,7 +192,7 @@ def main() -> int:
             print(f"## seed {seed}: speedrun {recipe.name}; {load()}", flush=True)
             res = speedrun.train(recipe.name, data=str(args.archive), seed=seed, store=store)
             sr[recipe.name].append(res.time_to_accuracy_s)
-            print(f"  speedrun {recipe.name} seed {seed}: {res.outcome} {res.time_to_accuracy_s} s, best "
+            print(f"  speedrun {recipe.name} seed {seed}: {res.outcome} {seconds(res.time_to_accuracy_s)}, best "
                   f"{res.best_accuracy:.2%}, {res.images_per_s:,.0f} img/s; {load()}", flush=True)
 
     print("\n## summary", flush=True)

@@ -111,6 +111,41 @@ def test_padding_taps_of_a_tiny_conv_against_a_hand_count():
     assert useful == counted  # reflected pixels are real data
 
 
+def test_padding_taps_of_a_non_square_strided_conv_against_a_hand_count():
+    from speedrun.measure.flops import count_train_flops
+
+    # A 3x1 kernel, stride (2, 1), padding (1, 0) on a 5x4 image. Height: outputs at rows -1..1, 1..3, 3..5,
+    # 7 of their 9 taps on real rows; width: 4 outputs of one tap, none in padding. 36 (pixel, tap) pairs, 28 real.
+    conv = torch.nn.Conv2d(2, 3, (3, 1), stride=(2, 1), padding=(1, 0), bias=False)
+    counted, useful = count_train_flops(conv, torch.randn(2, 2, 5, 4))
+    assert counted == 2 * (2 * 3 * 2 * 36)  # forward + weight gradient
+    assert useful == 2 * (2 * 3 * 2 * 28)  # heights and widths swapped would count other taps
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_a_grouped_conv_counts_each_group_over_its_own_channels(groups):
+    from speedrun.measure.flops import count_train_flops
+
+    # Each output channel reads in_channels / groups inputs, in the forward and in the weight gradient
+    # alike (PyTorch's own counter bills the weight gradient over all of them: groups times too many).
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=groups, bias=False)
+    counted, useful = count_train_flops(conv, torch.randn(3, 4, 5, 5))
+    per_pass = 2 * 4 * (4 // groups)  # FLOPs per (output pixel, tap) pair
+    assert counted == 2 * per_pass * 225  # 5x5 outputs x 9 taps
+    assert useful == 2 * per_pass * 169  # 13 x 13: conv_taps(5, 3, pad 1) = (15, 13)
+
+
+def test_gpu_datasheet_names_match_whole_words():
+    from speedrun.measure.peak import gpu_peak
+
+    assert gpu_peak("NVIDIA A100-SXM4-80GB", "bf16").flops == 312e12
+    assert gpu_peak("NVIDIA L40S", "bf16").flops == 362.1e12  # not the L4's 121
+    assert gpu_peak("NVIDIA L4", "bf16").flops == 121e12
+    assert gpu_peak("NVIDIA H100 NVL", "bf16").flops == 835.5e12  # not the SXM part's
+    assert gpu_peak("NVIDIA RTX A1000", "bf16") is None  # not an A100
+    assert gpu_peak("Tesla V100-SXM2-16GB", "bf16") is None  # no bf16 there: no figure rather than another GPU's
+
+
 def test_theoretical_cpu_peak_from_flags():
     from speedrun.measure.peak import cpu_peak, fp32_flop_per_cycle, gpu_peak
 
@@ -125,3 +160,4 @@ def test_theoretical_cpu_peak_from_flags():
     assert cpu_peak("bf16", threads=2, flags=zen5, vendor="AuthenticAMD", family=26, clock_ghz=2.5).flops == 640e9
     assert gpu_peak("NVIDIA H100 PCIe", "bf16").flops == 756e12 and gpu_peak("NVIDIA H200", "bf16").flops == 989.4e12
     assert gpu_peak("Some Future GPU", "bf16") is None
+    assert cpu_peak("fp32", threads=2, flags=zen3, vendor="AuthenticAMD", family=25, clock_ghz=0.0) is None  # a VM's "0 MHz"

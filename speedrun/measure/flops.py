@@ -10,7 +10,9 @@ version), and the *theoretical* peak of the hardware (``speedrun.measure.peak``)
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import math
 import time
 
 import torch
@@ -48,21 +50,49 @@ def _padding_waste(conv: nn.modules.conv._ConvNd, x: Tensor) -> float:
     return 2.0 * x.shape[0] * conv.out_channels * (conv.in_channels // conv.groups) * (computed - useful)
 
 
+@functools.cache
+def _grouped_weight_grad_overcount() -> bool:
+    """Whether this torch's FlopCounterMode counts a grouped conv's weight gradient ``groups`` times over.
+
+    Its formula treats the weight gradient as a conv over all ``in_channels`` where each group sees only
+    ``in_channels / groups`` (torch 2.13 does): a depthwise conv's weight gradient is counted
+    ``in_channels`` times too high. Probed on a 1x1 conv with two groups, whose weight gradient costs
+    what its forward does, so that a torch that counts it right is left alone.
+    """
+    conv = nn.Conv2d(2, 2, 1, groups=2, bias=False)
+    with FlopCounterMode(display=False) as counter:
+        conv(torch.ones(1, 2, 1, 1)).sum().backward()
+    return counter.get_total_flops() > 2 * 2 * 1 * 2  # forward 4 FLOPs + weight gradient 4
+
+
+def _grouped_weight_grad_excess(conv: nn.modules.conv._ConvNd, x: Tensor, out: Tensor) -> float:
+    """FLOPs the counter adds to ``conv``'s weight gradient beyond the real ones, for input ``x``, output ``out``."""
+    if conv.groups == 1 or not conv.weight.requires_grad:
+        return 0.0
+    real = (2.0 * x.shape[0] * conv.out_channels * (conv.in_channels // conv.groups)
+            * math.prod(conv.kernel_size) * math.prod(out.shape[2:]))
+    return real * (conv.groups - 1)
+
+
 def count_train_flops(model: nn.Module, example: Tensor, loss_fn=None) -> tuple[float, float]:
     """(counted, useful) FLOPs of one forward + backward pass per image, on a copy of ``model``.
 
     Useful FLOPs are the counted ones less every convolution's multiplications by zero padding, in
     each pass that runs: the forward, the input gradient (when the conv's input needs one) and the
-    weight gradient (when its weight trains) touch the same input-position x tap pairs.
+    weight gradient (when its weight trains) touch the same input-position x tap pairs. Both leave out
+    what PyTorch's counter over-counts in a grouped conv's weight gradient (``_grouped_weight_grad_overcount``).
     """
     model = copy.deepcopy(model).train()
-    waste = 0.0
+    waste = excess = 0.0
 
     def note(conv, inputs, output) -> None:
-        nonlocal waste
+        nonlocal waste, excess
         passes = 1 + inputs[0].requires_grad + conv.weight.requires_grad
         waste += passes * _padding_waste(conv, inputs[0])
+        if overcount:
+            excess += _grouped_weight_grad_excess(conv, inputs[0], output)
 
+    overcount = _grouped_weight_grad_overcount()  # probed here: not inside the counter below
     handles = [m.register_forward_hook(note) for m in model.modules()
                if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed]
     try:
@@ -73,7 +103,7 @@ def count_train_flops(model: nn.Module, example: Tensor, loss_fn=None) -> tuple[
     finally:
         for h in handles:
             h.remove()
-    total = counter.get_total_flops()
+    total = counter.get_total_flops() - excess
     return total / len(example), (total - waste) / len(example)
 
 

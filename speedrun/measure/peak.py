@@ -13,19 +13,24 @@ exceed this "theoretical" figure; it is a yardstick, labelled with how it was co
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from speedrun.env import cpu_flags
 
 # Dense tensor-core (or FP32 pipe) peaks in TFLOP/s from the vendors' datasheets, SXM parts where there
-# are two: (name fragment, {precision: TFLOP/s}). fp32 is the plain FP32 rate (PyTorch does not use
-# TF32 for matmuls by default).
+# are two: (model name, {precision: TFLOP/s}), matched as whole words of the device's name, the first
+# match winning ("L4" is not the "L40S", "A100" not the "RTX A1000"). fp32 is the plain FP32 rate
+# (PyTorch does not use TF32 for matmuls by default; cuDNN may for fp32 convolutions, see the README).
 GPU_PEAKS_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H200", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
     ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2}),
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}),
     ("H100", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
     ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.1, "fp16": 362.1, "fp32": 91.6}),
+    ("L40", {"bf16": 181.0, "fp16": 181.0, "fp32": 90.5}),
     ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
     ("V100", {"fp16": 125.0, "fp32": 15.7}),
     ("T4", {"fp16": 65.0, "fp32": 8.1}),
@@ -50,11 +55,13 @@ def _cpuinfo_field(name: str) -> list[str]:
 def cpu_clock_ghz() -> float | None:
     """The maximum clock the system reports, in GHz (see the module docstring)."""
     try:
-        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6
+        khz = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text())
+        if khz > 0:
+            return khz / 1e6
     except (OSError, ValueError):
         pass
     mhz = [float(v) for v in _cpuinfo_field("cpu MHz") if v.replace(".", "", 1).isdigit()]
-    return max(mhz) / 1000 if mhz else None
+    return max(mhz) / 1000 if mhz and max(mhz) > 0 else None  # some VMs report 0: unknown
 
 
 def fp32_flop_per_cycle(flags: frozenset[str], *, vendor: str, family: int | None) -> int | None:
@@ -81,7 +88,7 @@ def cpu_peak(precision: str, *, threads: int, flags: frozenset[str] | None = Non
         family = next((int(v) for v in _cpuinfo_field("cpu family") if v.isdigit()), None)
     clock = cpu_clock_ghz() if clock_ghz is None else clock_ghz
     fp32 = fp32_flop_per_cycle(flags, vendor=vendor, family=family)
-    if clock is None or fp32 is None:
+    if not clock or fp32 is None:  # unknown, or a reported 0
         return None
     if precision == "bf16":
         if "amx_bf16" in flags:
@@ -97,9 +104,9 @@ def cpu_peak(precision: str, *, threads: int, flags: frozenset[str] | None = Non
 
 
 def gpu_peak(device_name: str, precision: str) -> Peak | None:
-    for fragment, peaks in GPU_PEAKS_TFLOPS:
-        if fragment in device_name and precision in peaks:
-            return Peak(peaks[precision] * 1e12, f"{fragment} datasheet, dense {precision}")
+    for model, peaks in GPU_PEAKS_TFLOPS:
+        if re.search(rf"(?<!\w){re.escape(model)}(?!\w)", device_name):
+            return Peak(peaks[precision] * 1e12, f"{model} datasheet, dense {precision}") if precision in peaks else None
     return None
 
 
