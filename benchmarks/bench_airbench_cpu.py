@@ -55,6 +55,7 @@ from speedrun import data as datalib  # noqa: E402
 from speedrun.console import percent  # noqa: E402
 from speedrun.cpuinfo import cpu_flags  # noqa: E402
 from speedrun.env import code_version, cpu_has_native_bf16, device_name  # noqa: E402
+from speedrun.config import ConfigError  # noqa: E402
 from speedrun.recipes import get_recipe  # noqa: E402
 
 
@@ -166,7 +167,10 @@ def main() -> int:
                         help="a shorter airbench schedule, to check the port quickly (not airbench94: no figure)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    recipes = [get_recipe(name) for name in args.recipes.split(",")]
+    try:
+        recipes = [get_recipe(name) for name in args.recipes.split(",")]
+    except ConfigError as e:
+        parser.error(str(e))
     targets = tuple(sorted({0.85, 0.906, *(r.target for r in recipes)}))
     bf16 = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
     kind = f"native bf16 ({', '.join(bf16)})" if cpu_has_native_bf16() else "no native bf16 (AVX2 kind)"
